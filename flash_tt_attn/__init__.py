@@ -1,0 +1,6 @@
+"""flash_tt_attn: fused triangle attention (AlphaFold-style, with pair bias) in Triton."""
+
+from ._version import __version__
+from .api import attention
+
+__all__ = ["__version__", "attention"]

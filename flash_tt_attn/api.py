@@ -1,0 +1,129 @@
+"""The public function :func:`attention`: validates its arguments, then picks a path."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from . import reference
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+__all__ = ["attention", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _check_inputs(q, k, v, bias, scale, mask) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention(): {name} must be a torch.Tensor, got {type(t).__name__}")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention(): mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if q.dim() != 5:
+        raise ValueError(f"attention(): q must have shape (B, H, L, L, D) (5 dims), got {_shape(q)}")
+    B, H, L1, L2, D = q.shape
+    if L1 != L2:
+        raise ValueError(f"attention(): q must have shape (B, H, L, L, D) with equal pair dims, got {_shape(q)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"attention(): {name} must have q's shape {_shape(q)}, got {_shape(t)}")
+    if bias.shape != (B, H, L1, L1):
+        raise ValueError(f"attention(): bias must have shape (B, H, L, L) = ({B}, {H}, {L1}, {L1}), got {_shape(bias)}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"attention(): mask must be a bool tensor (True = key takes part), got {mask.dtype}")
+        if mask.shape != (B, L1, L1):
+            raise ValueError(f"attention(): mask must have shape (B, L, L) = ({B}, {L1}, {L1}), got {_shape(mask)}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+            raise TypeError(f"attention(): {name} has dtype {t.dtype}; expected one of {names}")
+    for name, t in (("k", k), ("v", v), ("bias", bias)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"attention(): {name} has dtype {t.dtype} but q has {q.dtype}; all of q, k, v, bias "
+                            "must share one dtype")
+    for name, t in (("k", k), ("v", v), ("bias", bias), ("mask", mask)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"attention(): {name} is on {t.device} but q is on {q.device}; all inputs must be on "
+                             "one device")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention(): head dim D = {D} is not supported; expected one of {SUPPORTED_HEAD_DIMS}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"attention(): scale must be a real number or None, got {type(scale).__name__}")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"attention(): device {q.device} is not supported (CUDA runs the Triton kernels, "
+                         "CPU the interpreter or the PyTorch reference)")
+
+
+def _uses_triton(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    from .ops import interpreter_enabled  # noqa: PLC0415 (keeps the CPU-only import light)
+
+    return interpreter_enabled()
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: Optional[float] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Triangle attention with a pair bias, fused (FlashAttention-2 style) in Triton.
+
+    For every batch b, head h and row i::
+
+        o[b,h,i,j] = Σ_k softmax_k(scale · q[b,h,i,j]·k[b,h,i,k] + bias[b,h,j,k]) · v[b,h,i,k]
+
+    with keys where ``mask[b,i,k]`` is False left out. This is AlphaFold's triangle
+    attention around the *starting* node: the bias is shared by every row i. For the
+    *ending* node, call it on the transposed pair tensors and transpose back::
+
+        o = attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), bias, scale,
+                      mask.transpose(1, 2)).transpose(2, 3)
+
+    Args:
+        q, k, v: (B, H, L, L, D) tensors; D in 16, 32, 64, 128; any L ≥ 1.
+        bias: (B, H, L, L), same dtype as q; it receives a gradient.
+        scale: multiplies q·k; defaults to 1/sqrt(D).
+        mask: optional bool (B, L, L); True = this key takes part. A row whose keys
+            are all excluded gives 0 output and 0 gradients.
+
+    Returns:
+        (B, H, L, L, D) tensor with q's dtype.
+
+    dtypes: float16, bfloat16, float32 (full fp32 products, no TF32) and float64.
+    Gradients flow to q, k, v and bias and are bitwise reproducible.
+
+    Paths: CUDA tensors run the Triton kernels. CPU tensors run the same kernels under
+    Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported;
+    otherwise they run :func:`flash_tt_attn.reference.attention_chunked`, pure PyTorch
+    in chunks of rows (same results, fp32 math, O(L²) memory per row chunk).
+
+    Example::
+
+        >>> import torch
+        >>> from flash_tt_attn import attention
+        >>> q = torch.randn(1, 2, 8, 8, 16)
+        >>> k, v = torch.randn_like(q), torch.randn_like(q)
+        >>> bias = torch.randn(1, 2, 8, 8)
+        >>> attention(q, k, v, bias, 0.25).shape
+        torch.Size([1, 2, 8, 8, 16])
+    """
+    _check_inputs(q, k, v, bias, scale, mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _uses_triton(q.device):
+        from .ops import attention_fwd  # noqa: PLC0415
+
+        out, _ = attention_fwd(q, k, v, bias, mask, scale)
+        return out
+    return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)

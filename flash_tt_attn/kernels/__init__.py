@@ -1,0 +1,1 @@
+"""Triton kernels (``@triton.jit`` functions only: no torch, no autograd, no validation)."""

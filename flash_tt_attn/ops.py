@@ -1,0 +1,191 @@
+"""Launchers for the Triton kernels, registered with ``torch.library``.
+
+Two custom ops, ``flash_tt_attn::attention_fwd`` and ``flash_tt_attn::attention_bwd``,
+are defined with :func:`torch.library.triton_op` and launch their kernels through
+:func:`torch.library.wrap_triton`, so ``torch.compile(fullgraph=True)`` can trace them and
+``torch.library.opcheck`` can test them. The forward's autograd formula is registered
+with :func:`torch.library.register_autograd`.
+
+No argument checking happens here: :mod:`flash_tt_attn.api` validates first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .kernels.backward import (
+    attention_bwd_dbias_kernel,
+    attention_bwd_dkdv_kernel,
+    attention_bwd_dq_kernel,
+)
+from .kernels.forward import attention_fwd_kernel
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch parameters of one kernel."""
+
+    block_j: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _interpreter_config(L: int) -> LaunchConfig:
+    block = 16 if L <= 16 else 32
+    return LaunchConfig(block, block, 1, 1)
+
+
+def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    """Tiles for the forward kernel (fixed per head dim; see PERF.md for how they were chosen)."""
+    if device.type != "cuda":
+        return _interpreter_config(L)
+    if dtype in (torch.float32, torch.float64) or head_dim >= 128:
+        return LaunchConfig(64, 32, 4, 2)
+    if head_dim == 64:
+        return LaunchConfig(128, 64, 8, 2)
+    return LaunchConfig(128, 64, 4, 2)
+
+
+def backward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    """Tiles for the three backward kernels."""
+    if device.type != "cuda":
+        return _interpreter_config(L)
+    if dtype in (torch.float32, torch.float64) or head_dim >= 128:
+        return LaunchConfig(32, 32, 4, 1)
+    return LaunchConfig(64, 64, 4, 2)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 must not silently use TF32: gradient checks need full precision.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mask_args(mask: Optional[torch.Tensor], like: torch.Tensor):
+    """The mask as bytes with its strides, or a dummy pointer with zero strides."""
+    if mask is None:
+        return like, (0, 0, 0), False
+    as_bytes = mask.view(torch.uint8)
+    return as_bytes, tuple(as_bytes.stride()), True
+
+
+def dbias_splits(B: int, H: int, L: int, head_dim: int, cfg: LaunchConfig) -> int:
+    """How many chunks of rows i the bias gradient is summed over in parallel.
+
+    Enough programs to fill a large GPU (about 1024), and never more than head_dim / 2
+    chunks, so the fp32 partial sums take no more memory than q does in 16 bits.
+    Depends only on shapes, so the reduction order (and the result) is reproducible.
+    """
+    tiles = B * H * triton.cdiv(L, cfg.block_j) * triton.cdiv(L, cfg.block_k)
+    wanted = triton.cdiv(1024, tiles)
+    return max(1, min(wanted, head_dim // 2, L))
+
+
+@triton_op("flash_tt_attn::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+    mask: Optional[torch.Tensor], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: returns the output (q's dtype) and the base-2 log-sum-exp (B, H, L, L), fp32."""
+    B, H, L, _, D = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, L, L), dtype=_lse_dtype(q.dtype), device=q.device)
+    mask_t, mask_strides, has_mask = _mask_args(mask, q)
+    cfg = forward_config(L, D, q.dtype, q.device)
+    grid = (L, triton.cdiv(L, cfg.block_j), B * H)
+    wrap_triton(attention_fwd_kernel)[grid](
+        q, k, v, bias, mask_t, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *bias.stride(), *mask_strides, *lse.stride(),
+        H, L, scale * LOG2E,
+        HAS_MASK=has_mask, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
+        ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+@triton_op("flash_tt_attn::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+    mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: returns dq, dk, dv (their inputs' dtypes) and dbias (bias's dtype)."""
+    B, H, L, _, D = q.shape
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    delta = torch.empty_like(lse)
+    mask_t, mask_strides, has_mask = _mask_args(mask, q)
+    cfg = backward_config(L, D, q.dtype, q.device)
+    common = dict(
+        HAS_MASK=has_mask, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
+        ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    qk_scale_log2 = scale * LOG2E
+
+    wrap_triton(attention_bwd_dq_kernel)[(L, triton.cdiv(L, cfg.block_j), B * H)](
+        q, k, v, bias, mask_t, out, dout, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
+        *bias.stride(), *mask_strides, *lse.stride(),
+        H, L, qk_scale_log2, scale, **common,
+    )
+    wrap_triton(attention_bwd_dkdv_kernel)[(L, triton.cdiv(L, cfg.block_k), B * H)](
+        q, k, v, bias, mask_t, dout, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        *bias.stride(), *mask_strides, *lse.stride(),
+        H, L, qk_scale_log2, scale, **common,
+    )
+    splits = dbias_splits(B, H, L, D, cfg)
+    rows_per_split = triton.cdiv(L, splits)
+    splits = triton.cdiv(L, rows_per_split)
+    partial = torch.empty((splits, B, H, L, L), dtype=lse.dtype, device=q.device)
+    tiles = triton.cdiv(L, cfg.block_j) * triton.cdiv(L, cfg.block_k)
+    wrap_triton(attention_bwd_dbias_kernel)[(tiles, splits, B * H)](
+        q, k, v, bias, mask_t, dout, lse, delta, partial,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        *bias.stride(), *mask_strides, *lse.stride(), *partial.stride(),
+        H, L, rows_per_split, qk_scale_log2, **common,
+    )
+    # Fixed-order reduction over the splits: deterministic, unlike float atomics.
+    dbias = partial[0] if splits == 1 else partial.sum(dim=0)
+    return dq, dk, dv, dbias.to(bias.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, mask, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, bias, mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, dbias = attention_bwd(dout, q, k, v, bias, mask, out, lse, ctx.scale)
+    return dq, dk, dv, dbias, None, None
+
+
+torch.library.register_autograd("flash_tt_attn::attention_fwd", _backward, setup_context=_setup_context)
