@@ -91,8 +91,8 @@ def _mask_args(mask: Optional[torch.Tensor], like: torch.Tensor):
     return as_bytes, tuple(as_bytes.stride()), True
 
 
-def dbias_splits(B: int, H: int, L: int, head_dim: int, cfg: LaunchConfig) -> int:
-    """How many chunks of rows i the bias gradient is summed over in parallel.
+def dbias_splits(B: int, H: int, R: int, L: int, head_dim: int, cfg: LaunchConfig) -> int:
+    """How many chunks of the R rows i the bias gradient is summed over in parallel.
 
     Enough programs to fill a large GPU (about 1024), and never more than head_dim / 2
     chunks, so the fp32 partial sums take no more memory than q does in 16 bits.
@@ -100,7 +100,7 @@ def dbias_splits(B: int, H: int, L: int, head_dim: int, cfg: LaunchConfig) -> in
     """
     tiles = B * H * triton.cdiv(L, cfg.block_j) * triton.cdiv(L, cfg.block_k)
     wanted = triton.cdiv(1024, tiles)
-    return max(1, min(wanted, head_dim // 2, L))
+    return max(1, min(wanted, head_dim // 2, R))
 
 
 @triton_op("flash_tt_attn::attention_fwd", mutates_args=())
@@ -108,13 +108,17 @@ def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
     mask: Optional[torch.Tensor], scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: returns the output (q's dtype) and the base-2 log-sum-exp (B, H, L, L), fp32."""
-    B, H, L, _, D = q.shape
+    """Forward: returns the output (q's dtype) and the base-2 log-sum-exp (B, H, R, L), fp32.
+
+    q, k, v: (B, H, R, L, D) hold R rows i (R = L for the whole pair tensor, fewer for a
+    shard of rows); bias (B, H, L, L); mask (B, R, L) or None.
+    """
+    B, H, R, L, D = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((B, H, L, L), dtype=_lse_dtype(q.dtype), device=q.device)
+    lse = torch.empty((B, H, R, L), dtype=_lse_dtype(q.dtype), device=q.device)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     cfg = forward_config(L, D, q.dtype, q.device)
-    grid = (L, triton.cdiv(L, cfg.block_j), B * H)
+    grid = (R, triton.cdiv(L, cfg.block_j), B * H)
     wrap_triton(attention_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -132,8 +136,8 @@ def attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
     mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: returns dq, dk, dv (their inputs' dtypes) and dbias (bias's dtype)."""
-    B, H, L, _, D = q.shape
+    """Backward: returns dq, dk, dv (their inputs' dtypes) and dbias (bias's dtype), summed over the R rows."""
+    B, H, R, L, D = q.shape
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -147,28 +151,28 @@ def attention_bwd(
     )
     qk_scale_log2 = scale * LOG2E
 
-    wrap_triton(attention_bwd_dq_kernel)[(L, triton.cdiv(L, cfg.block_j), B * H)](
+    wrap_triton(attention_bwd_dq_kernel)[(R, triton.cdiv(L, cfg.block_j), B * H)](
         q, k, v, bias, mask_t, out, dout, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
         H, L, qk_scale_log2, scale, **common,
     )
-    wrap_triton(attention_bwd_dkdv_kernel)[(L, triton.cdiv(L, cfg.block_k), B * H)](
+    wrap_triton(attention_bwd_dkdv_kernel)[(R, triton.cdiv(L, cfg.block_k), B * H)](
         q, k, v, bias, mask_t, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
         H, L, qk_scale_log2, scale, **common,
     )
-    splits = dbias_splits(B, H, L, D, cfg)
-    rows_per_split = triton.cdiv(L, splits)
-    splits = triton.cdiv(L, rows_per_split)
+    splits = dbias_splits(B, H, R, L, D, cfg)
+    rows_per_split = triton.cdiv(R, splits)
+    splits = triton.cdiv(R, rows_per_split)
     partial = torch.empty((splits, B, H, L, L), dtype=lse.dtype, device=q.device)
     tiles = triton.cdiv(L, cfg.block_j) * triton.cdiv(L, cfg.block_k)
     wrap_triton(attention_bwd_dbias_kernel)[(tiles, splits, B * H)](
         q, k, v, bias, mask_t, dout, lse, delta, partial,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(), *partial.stride(),
-        H, L, rows_per_split, qk_scale_log2, **common,
+        H, R, L, rows_per_split, qk_scale_log2, **common,
     )
     # Fixed-order reduction over the splits: deterministic, unlike float atomics.
     dbias = partial[0] if splits == 1 else partial.sum(dim=0)

@@ -167,7 +167,7 @@ def attention_bwd_dbias_kernel(
     stride_mb, stride_mi, stride_mk,
     stride_lb, stride_lh, stride_li, stride_lj,
     stride_ps, stride_pb, stride_ph, stride_pj, stride_pk,
-    H, L, rows_per_split, qk_scale_log2,
+    H, R, L, rows_per_split, qk_scale_log2,
     HAS_MASK: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -197,7 +197,7 @@ def attention_bwd_dbias_kernel(
     bias = bias.to(ACC_DTYPE) * 1.4426950408889634
 
     row_start = split * rows_per_split
-    num_rows = tl.minimum(rows_per_split, L - row_start)
+    num_rows = tl.minimum(rows_per_split, R - row_start)
     dbias = tl.zeros([BLOCK_J, BLOCK_K], dtype=ACC_DTYPE)
     for r in range(0, num_rows):
         row = (row_start + r).to(tl.int64)
