@@ -27,9 +27,6 @@ from .kernels.backward import (
 )
 from .kernels.forward import attention_fwd_kernel
 
-LOG2E = 1.4426950408889634
-
-
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tile sizes and launch parameters of one kernel."""
@@ -79,6 +76,11 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _even(L: int, cfg: LaunchConfig) -> bool:
+    """L is a multiple of both tile sizes: the kernels can drop their bounds masks."""
+    return L % cfg.block_j == 0 and L % cfg.block_k == 0
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -118,13 +120,13 @@ def attention_fwd(
     lse = torch.empty((B, H, R, L), dtype=_lse_dtype(q.dtype), device=q.device)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     cfg = forward_config(L, D, q.dtype, q.device)
-    grid = (R, triton.cdiv(L, cfg.block_j), B * H)
+    grid = (triton.cdiv(L, cfg.block_j), R, B * H)
     wrap_triton(attention_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
-        H, L, scale * LOG2E,
-        HAS_MASK=has_mask, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
+        H, L, scale,
+        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -145,23 +147,22 @@ def attention_bwd(
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     cfg = backward_config(L, D, q.dtype, q.device)
     common = dict(
-        HAS_MASK=has_mask, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
+        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    qk_scale_log2 = scale * LOG2E
 
-    wrap_triton(attention_bwd_dq_kernel)[(R, triton.cdiv(L, cfg.block_j), B * H)](
+    wrap_triton(attention_bwd_dq_kernel)[(triton.cdiv(L, cfg.block_j), R, B * H)](
         q, k, v, bias, mask_t, out, dout, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
-        H, L, qk_scale_log2, scale, **common,
+        H, L, scale, **common,
     )
-    wrap_triton(attention_bwd_dkdv_kernel)[(R, triton.cdiv(L, cfg.block_k), B * H)](
+    wrap_triton(attention_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_k), R, B * H)](
         q, k, v, bias, mask_t, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
-        H, L, qk_scale_log2, scale, **common,
+        H, L, scale, **common,
     )
     splits = dbias_splits(B, H, R, L, D, cfg)
     rows_per_split = triton.cdiv(R, splits)
@@ -172,7 +173,7 @@ def attention_bwd(
         q, k, v, bias, mask_t, dout, lse, delta, partial,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(), *partial.stride(),
-        H, R, L, rows_per_split, qk_scale_log2, **common,
+        H, R, L, rows_per_split, scale, **common,
     )
     # Fixed-order reduction over the splits: deterministic, unlike float atomics.
     dbias = partial[0] if splits == 1 else partial.sum(dim=0)
