@@ -1,0 +1,63 @@
+"""Command line: ``python -m flash_tt_attn.bench {run,figures,validate} ...`` (run from the repository root).
+
+    python -m flash_tt_attn.bench run seed-fwd alphafold        # spec ids or paths; resumes
+    python -m flash_tt_attn.bench run smoke --dry-run            # list points, todo / done
+    python -m flash_tt_attn.bench figures                        # logs -> paper_figures/
+    python -m flash_tt_attn.bench validate                       # check every experiments/*.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .spec import SpecError, all_spec_paths, load_spec, resolve_spec
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m flash_tt_attn.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--specs", default="experiments", help="folder of spec files (default: experiments)")
+    ap.add_argument("--logs", default="experiments/logs", help="folder of raw logs (default: experiments/logs)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="measure the points of specs that the log does not hold yet")
+    run.add_argument("spec", nargs="+", help="spec id (experiments/<id>.yaml) or path")
+    run.add_argument("--dry-run", action="store_true", help="list the points (todo/done); measure nothing")
+    run.add_argument("--force", action="store_true", help="measure every point again (rows are appended)")
+    run.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
+
+    fig = sub.add_parser("figures", help="regenerate tables, figures and their README from the logs")
+    fig.add_argument("--out", default="paper_figures", help="output folder (default: paper_figures)")
+
+    val = sub.add_parser("validate", help="validate specs (default: all of them) and count their points")
+    val.add_argument("spec", nargs="*", help="spec ids or paths")
+    return ap
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the process exit code (2 for an invalid spec)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from .runner import run_specs  # noqa: PLC0415
+
+            run_specs(args.spec, args.specs, args.logs, args.device, args.force, args.dry_run)
+        elif args.command == "figures":
+            from .build import build  # noqa: PLC0415
+
+            for path in build(args.specs, args.logs, args.out):
+                print(path)
+        else:
+            paths = [resolve_spec(s, args.specs) for s in args.spec] or all_spec_paths(args.specs)
+            for path in paths:
+                spec = load_spec(path)
+                print(f"{spec.id}: {len(spec.points())} points, {len(spec.figures)} figures, "
+                      f"{len(spec.tables)} tables")
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

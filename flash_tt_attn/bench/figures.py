@@ -1,0 +1,82 @@
+"""Latency / memory vs L figures, one line per provider, with deterministic PNG bytes.
+
+Determinism: the Agg backend, one fixed style (rcParams below, DejaVu Sans shipped with matplotlib),
+fixed size and dpi, fixed colours and markers per provider, inputs sorted, and PNG metadata without
+the "Software" stamp (matplotlib writes no date into PNGs).
+"""
+
+from __future__ import annotations
+
+from .spec import PROVIDERS, FigureOut, Spec
+
+RC = {
+    "font.family": "DejaVu Sans",
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "figure.figsize": (6.4, 4.4),
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "path.simplify": False,
+    "svg.hashsalt": "flash_tt_attn",
+}
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+_LABELS = {"latency": ("ms", "latency (ms, median; bars p20–p80)"),
+           "memory": ("peak_mem_mb", "peak memory (MB = 2^20 bytes)")}
+
+
+def _style():
+    import seaborn as sns  # noqa: PLC0415
+
+    names = PROVIDERS["attention"]
+    colors = dict(zip(names, sns.color_palette("colorblind", len(names)), strict=True))
+    markers = dict(zip(names, _MARKERS, strict=True))
+    return colors, markers
+
+
+def _not_measured(df) -> str:
+    notes = []
+    for (prov, status), g in df[df.status != "ok"].groupby(["provider", "status"], sort=True):
+        ls = ", ".join(str(x) for x in sorted(g.L.unique()))
+        notes.append(f"{prov}: {status} at L={ls}")
+    return "; ".join(notes)
+
+
+def plot(df, spec: Spec, fig: FigureOut, title: str, path) -> None:
+    """Draw ``fig.metric`` vs L for the rows ``df`` (one config, newest row per point) into ``path``."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import seaborn as sns  # noqa: PLC0415
+
+    col, ylabel = _LABELS[fig.metric]
+    colors, markers = _style()
+    ok = df[(df.status == "ok") & df[col].notna()]
+    providers = [p for p in spec.providers if p in set(ok.provider)]
+    with plt.rc_context(RC), sns.axes_style("whitegrid"):
+        plt.rcParams.update(RC)
+        f, ax = plt.subplots()
+        if providers:
+            sns.lineplot(data=ok, x="L", y=col, hue="provider", hue_order=providers, style="provider",
+                         style_order=providers, palette=colors, markers=markers, dashes=False, errorbar=None,
+                         ax=ax)
+        if fig.metric == "latency":
+            for p in providers:
+                g = ok[ok.provider == p].sort_values("L")
+                ax.errorbar(g.L, g.ms, yerr=[g.ms - g.ms_p20, g.ms_p80 - g.ms], fmt="none", ecolor=colors[p],
+                            capsize=2, linewidth=0.8)
+        ls = sorted(df.L.unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ls, [str(x) for x in ls])
+        ax.minorticks_off()
+        if len(ok):
+            ax.set_yscale("log")
+        ax.set_xlabel("L (pair representation is L × L)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        note = _not_measured(df)
+        if note:
+            f.text(0.01, 0.01, "not measured: " + note, fontsize=7, ha="left", va="bottom", wrap=True)
+        f.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+        f.savefig(path, format="png", metadata={"Software": None})
+        plt.close(f)

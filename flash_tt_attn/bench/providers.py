@@ -1,0 +1,208 @@
+"""The implementations a spec compares, each called on inputs in its own native layout.
+
+Attention providers take q, k, v of shape (B, H, L, L, D) ("canonical") or (B, L, H, L, D) ("rows": the
+row index i just after the batch, so folding rows into the batch is a free view) and bias (B, H, L, L).
+:meth:`AttentionProvider.bind` does all the preparation that is not the call itself (masks, closures);
+the zero-argument function it returns is what gets timed. Every provider uses the default scale
+1/sqrt(D) and no mask (trifast needs a mask tensor: it gets an all-False one, meaning no key is masked).
+
+A provider that cannot run here raises :class:`Unsupported` from ``load`` (missing package, no CUDA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["Unsupported", "AttentionProvider", "BlockProvider", "get_provider", "to_layout", "from_layout"]
+
+
+class Unsupported(Exception):
+    """The provider cannot run in this environment; the message says why."""
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """Canonical (B, H, L, L, D) -> the provider's layout (a view; call ``.contiguous()`` to materialise)."""
+    return t if layout == "canonical" else t.transpose(1, 2)
+
+
+def from_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The provider's layout -> canonical (B, H, L, L, D) (a view)."""
+    return t if layout == "canonical" else t.transpose(1, 2)
+
+
+class AttentionProvider:
+    """Base class: canonical layout, runs on any device."""
+
+    name = ""
+    layout = "canonical"
+    cuda_only = False
+
+    def load(self, device: torch.device) -> None:
+        """Import what the provider needs; raise :class:`Unsupported` when it cannot run on ``device``."""
+        if self.cuda_only and device.type != "cuda":
+            raise Unsupported(f"{self.name} needs a CUDA device")
+
+    def bind(self, q, k, v, bias) -> Callable[[], torch.Tensor]:
+        """Return the function to time: one call on these (native-layout) inputs, returning the output."""
+        raise NotImplementedError
+
+
+class FlashTTAttn(AttentionProvider):
+    name = "flash_tt_attn"
+
+    def bind(self, q, k, v, bias):
+        from flash_tt_attn import attention  # noqa: PLC0415
+
+        return lambda: attention(q, k, v, bias)
+
+
+def naive_attention(q, k, v, bias):
+    """The seed's vanilla PyTorch: einsum + bias + softmax + einsum, all in the input dtype (L³ memory)."""
+    scale = q.shape[-1] ** -0.5
+    s = torch.einsum("bhijd,bhikd->bhijk", q, k) * scale + bias.unsqueeze(2)
+    return torch.einsum("bhijk,bhikd->bhijd", torch.softmax(s, dim=-1), v)
+
+
+class Naive(AttentionProvider):
+    name = "naive"
+
+    def bind(self, q, k, v, bias):
+        return lambda: naive_attention(q, k, v, bias)
+
+
+class Sdpa(AttentionProvider):
+    """``F.scaled_dot_product_attention`` per batch item: rows i folded into SDPA's batch, bias[b]
+    expanded (a stride-0 view) over the rows as ``attn_mask``."""
+
+    name = "sdpa"
+    layout = "rows"
+
+    def bind(self, q, k, v, bias):
+        import torch.nn.functional as F  # noqa: PLC0415
+
+        B, L, H = q.shape[:3]
+
+        def run():
+            outs = [F.scaled_dot_product_attention(q[b], k[b], v[b], attn_mask=bias[b].expand(L, H, L, L))
+                    for b in range(B)]
+            return torch.stack(outs)
+
+        return run
+
+
+_COMPILED_FLEX = None
+
+
+class Flex(AttentionProvider):
+    """``torch.compile(flex_attention)``, rows folded into the batch, score_mod adds bias[b // L, h, q, k]."""
+
+    name = "flex"
+    layout = "rows"
+    cuda_only = True
+
+    def load(self, device):
+        super().load(device)
+        global _COMPILED_FLEX
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
+        except ImportError as e:
+            raise Unsupported(f"flex_attention not available in torch {torch.__version__}: {e}") from e
+        if _COMPILED_FLEX is None:
+            from torch._dynamo import config  # noqa: PLC0415
+
+            # Every new (L, dtype, grad mode) recompiles; keep them all instead of falling back to eager.
+            for knob in ("cache_size_limit", "recompile_limit"):
+                if hasattr(config, knob):
+                    setattr(config, knob, max(getattr(config, knob), 512))
+            _COMPILED_FLEX = torch.compile(flex_attention)
+
+    def bind(self, q, k, v, bias):
+        B, L, H, _, D = q.shape
+        fn = _COMPILED_FLEX
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[b // L, h, q_idx, kv_idx]
+
+        def run():
+            flat = [t.view(B * L, H, L, D) for t in (q, k, v)]
+            return fn(*flat, score_mod=score_mod).view(B, L, H, L, D)
+
+        return run
+
+
+class Trifast(AttentionProvider):
+    """trifast (PyPI): ``trifast.torch.triangle_attention(q, k, v, bias, mask)``, mask True = key left out."""
+
+    name = "trifast"
+    cuda_only = True
+
+    def load(self, device):
+        super().load(device)
+        try:
+            from trifast.torch import triangle_attention  # noqa: PLC0415
+        except Exception as e:  # ImportError, or a broken install failing inside its import
+            raise Unsupported(f"trifast not importable: {type(e).__name__}: {e}") from e
+        self._fn = triangle_attention
+
+    def bind(self, q, k, v, bias):
+        B, _, L = q.shape[:3]
+        mask = torch.zeros(B, L, L, dtype=torch.bool, device=q.device)
+        fn = self._fn
+        return lambda: fn(q, k, v, bias, mask)
+
+
+class Cueq(AttentionProvider):
+    """cuEquivariance: ``cuequivariance_torch.triangle_attention`` with q, k, v (B, N, H, Q, D) = rows layout
+    and bias (B, 1, H, Q, K); it casts the bias to fp32 internally."""
+
+    name = "cueq"
+    layout = "rows"
+    cuda_only = True
+
+    def load(self, device):
+        super().load(device)
+        try:
+            import cuequivariance_torch  # noqa: PLC0415
+
+            self._fn = cuequivariance_torch.triangle_attention
+        except Exception as e:
+            raise Unsupported(f"cuequivariance_torch.triangle_attention not importable: {type(e).__name__}: {e}") \
+                from e
+
+    def bind(self, q, k, v, bias):
+        fn = self._fn
+        return lambda: fn(q, k, v, bias.unsqueeze(1))
+
+
+class BlockProvider:
+    """The whole AlphaFold TriangleAttention module from :mod:`flash_tt_attn.modules`."""
+
+    def __init__(self, name: str, class_name: str):
+        self.name, self.class_name = name, class_name
+
+    def load(self, device: torch.device) -> None:
+        """Find the module class; raise :class:`Unsupported` when it does not exist (yet)."""
+        try:
+            from flash_tt_attn import modules  # noqa: PLC0415
+        except ImportError as e:
+            raise Unsupported(f"flash_tt_attn.modules not importable: {e}") from e
+        self._cls = getattr(modules, self.class_name, None)
+        if self._cls is None:
+            raise Unsupported(f"flash_tt_attn.modules has no {self.class_name}")
+
+    def build(self, c_in: int, c_hidden: int, heads: int) -> torch.nn.Module:
+        """A fresh module ``(c_in, c_hidden, no_heads, starting=True)``; seed torch first for equal weights."""
+        return self._cls(c_in, c_hidden, heads, starting=True)
+
+
+_ATTENTION = {p.name: p for p in (FlashTTAttn, Naive, Sdpa, Flex, Trifast, Cueq)}
+_BLOCK = {"flash_tt_attn": "TriangleAttention", "naive": "TriangleAttentionReference"}
+
+
+def get_provider(op: str, name: str):
+    """A fresh provider object for ``op`` (``attention`` or ``triangle_block``) by name."""
+    if op == "attention":
+        return _ATTENTION[name]()
+    return BlockProvider(name, _BLOCK[name])

@@ -1,0 +1,337 @@
+"""Benchmark specs: load ``experiments/<id>.yaml``, validate every field, expand sweeps into points.
+
+A spec is declarative; everything a run or a figure needs is in it::
+
+    id: seed-fwd                      # must equal the file's stem; names the log file
+    description: ...
+    op: attention                     # or triangle_block (the whole AF2 TriangleAttention module)
+    providers: [flash_tt_attn, naive, sdpa, flex, trifast, cueq]
+    metrics: [latency, memory]        # or [error] (relative error against an fp64 reference)
+    timing: {warmup_ms: 25, rep_ms: 100}
+    sweeps:                           # one or more blocks; each is the cross product of its axes
+      - {B: [4], H: [8], D: [32], L: [32, 64], dtype: [float16], mode: [fwd]}
+    outputs:
+      figures:                        # x = L, one line per provider; `where` must pick one config
+        - {file: fused-attention-batch4-head8-d32-fwd-latency.png, metric: latency, where: {mode: fwd}}
+      tables:                         # writes <file>.csv (tidy) and <file>.md (readable)
+        - {file: seed-fwd, kind: results}        # kinds: results | speedup | errors
+
+For ``op: triangle_block`` a sweep also has ``c_in`` (input channels); ``H`` is the number of heads
+and ``D`` the per-head hidden size (AlphaFold's ``c_hidden``).
+
+Any unknown field, wrong type or empty list raises :class:`SpecError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OPS = ("attention", "triangle_block")
+PROVIDERS = {
+    "attention": ("flash_tt_attn", "naive", "sdpa", "flex", "trifast", "cueq"),
+    "triangle_block": ("flash_tt_attn", "naive"),
+}
+METRICS = ("latency", "memory", "error")
+DTYPES = ("float16", "bfloat16", "float32")
+MODES = ("fwd", "fwd_bwd")
+INT_AXES = ("B", "H", "D", "L", "c_in")
+TABLE_KINDS = ("results", "speedup", "errors")
+DEFAULT_WARMUP_MS = 25.0
+DEFAULT_REP_MS = 100.0
+
+#: The fields that identify a measured point (a log row with the same values measures the same thing).
+KEY_FIELDS = ("spec", "op", "provider", "B", "H", "L", "D", "dtype", "mode", "c_in")
+#: The fields a point shares with the other points of one figure line (all but L and provider).
+CONFIG_FIELDS = ("op", "B", "H", "D", "c_in", "dtype", "mode")
+
+_TOP_FIELDS = {"id", "description", "op", "providers", "metrics", "timing", "sweeps", "outputs"}
+_SWEEP_FIELDS = {"B", "H", "D", "L", "c_in", "dtype", "mode"}
+_TIMING_FIELDS = {"warmup_ms", "rep_ms"}
+_OUTPUT_FIELDS = {"figures", "tables"}
+_FIGURE_FIELDS = {"file", "metric", "where"}
+_TABLE_FIELDS = {"file", "kind", "where", "target", "baselines"}
+
+
+class SpecError(ValueError):
+    """A spec file is invalid; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement: a provider at one shape, dtype and mode."""
+
+    spec: str
+    op: str
+    provider: str
+    B: int
+    H: int
+    L: int
+    D: int
+    dtype: str
+    mode: str
+    c_in: int | None = None
+
+    def key(self) -> tuple:
+        """The resume key, equal to :func:`row_key` of the row that measures this point."""
+        return tuple(getattr(self, f) for f in KEY_FIELDS)
+
+    def fields(self) -> dict:
+        """The point's fields as they go into a log row (``c_in`` only for the block op)."""
+        d = {f: getattr(self, f) for f in KEY_FIELDS}
+        if d["c_in"] is None:
+            del d["c_in"]
+        return d
+
+    def label(self) -> str:
+        """A short human-readable name, e.g. ``naive B4-H8-L64-D32-float16-fwd``."""
+        extra = f"-C{self.c_in}" if self.c_in is not None else ""
+        return f"{self.provider} B{self.B}-H{self.H}-L{self.L}-D{self.D}{extra}-{self.dtype}-{self.mode}"
+
+
+def row_key(row: dict) -> tuple:
+    """The resume key of a log row (rows written before ``op`` existed count as ``attention``)."""
+    defaults = {"op": "attention", "c_in": None}
+    return tuple(row.get(f, defaults.get(f)) for f in KEY_FIELDS)
+
+
+@dataclass(frozen=True)
+class FigureOut:
+    """A figure a spec feeds: ``metric`` vs L, one line per provider, rows chosen by ``where``."""
+
+    file: str
+    metric: str
+    where: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TableOut:
+    """A table a spec feeds (``file`` is a stem: ``.csv`` and ``.md`` are written)."""
+
+    file: str
+    kind: str
+    where: dict = field(default_factory=dict)
+    target: str = "flash_tt_attn"
+    baselines: tuple = ()
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated spec. Build it with :func:`load_spec`."""
+
+    id: str
+    description: str
+    op: str
+    providers: tuple
+    metrics: tuple
+    warmup_ms: float
+    rep_ms: float
+    sweeps: tuple
+    figures: tuple
+    tables: tuple
+    path: str
+
+    def points(self) -> list[Point]:
+        """Every point of every sweep, in run order (sweep, dtype, mode, B, H, D, c_in, L, provider), no repeats."""
+        seen, out = set(), []
+        for sw in self.sweeps:
+            axes = [sw["dtype"], sw["mode"], sw["B"], sw["H"], sw["D"], sw.get("c_in", [None]), sw["L"], self.providers]
+            for dtype, mode, B, H, D, c_in, L, prov in itertools.product(*axes):
+                p = Point(self.id, self.op, prov, B, H, L, D, dtype, mode, c_in)
+                if p.key() not in seen:
+                    seen.add(p.key())
+                    out.append(p)
+        return out
+
+
+def matches(values: dict, where: dict) -> bool:
+    """True when ``values`` (a point's or row's fields) satisfies every ``where`` condition (scalar or list)."""
+    for k, want in where.items():
+        allowed = want if isinstance(want, list) else [want]
+        if values.get(k) not in allowed:
+            return False
+    return True
+
+
+class _Checker:
+    def __init__(self, path: str):
+        self.path = path
+
+    def fail(self, fieldname: str, problem: str):
+        raise SpecError(f"{self.path}: field '{fieldname}': {problem}")
+
+    def mapping(self, value, name: str, allowed: set, required: set = frozenset()) -> dict:
+        if not isinstance(value, dict):
+            self.fail(name, f"expected a mapping, got {type(value).__name__}")
+        for k in value:
+            if k not in allowed:
+                where = f"{name}.{k}" if name != "<top>" else str(k)
+                self.fail(where, f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        for k in sorted(required):
+            if k not in value:
+                self.fail(k if name == "<top>" else f"{name}.{k}", "missing required field")
+        return value
+
+    def string(self, value, name: str, choices=None) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(name, f"expected a non-empty string, got {value!r}")
+        if choices is not None and value not in choices:
+            self.fail(name, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def number(self, value, name: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            self.fail(name, f"expected a positive number, got {value!r}")
+        return float(value)
+
+    def nonempty_list(self, value, name: str) -> list:
+        if not isinstance(value, list):
+            self.fail(name, f"expected a list, got {type(value).__name__} {value!r}")
+        if not value:
+            self.fail(name, "empty list (an empty sweep measures nothing)")
+        return value
+
+    def int_list(self, value, name: str) -> list:
+        for i, x in enumerate(self.nonempty_list(value, name)):
+            if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+                self.fail(f"{name}[{i}]", f"expected a positive integer, got {x!r}")
+        return list(value)
+
+    def str_list(self, value, name: str, choices) -> list:
+        for i, x in enumerate(self.nonempty_list(value, name)):
+            self.string(x, f"{name}[{i}]", choices)
+        return list(value)
+
+
+def _check_where(c: _Checker, where, name: str) -> dict:
+    c.mapping(where, name, _SWEEP_FIELDS | {"provider"})
+    for k, v in where.items():
+        for x in v if isinstance(v, list) else [v]:
+            if isinstance(x, (dict, list)) or x is None:
+                c.fail(f"{name}.{k}", f"expected a scalar or a list of scalars, got {v!r}")
+    return dict(where)
+
+
+def parse_spec(data, path: str) -> Spec:
+    """Validate the parsed YAML ``data`` of the spec file ``path`` and return a :class:`Spec`."""
+    c = _Checker(path)
+    c.mapping(data, "<top>", _TOP_FIELDS, {"id", "description", "providers", "metrics", "sweeps"})
+    spec_id = c.string(data["id"], "id")
+    stem = Path(path).stem
+    if Path(path).suffix in (".yaml", ".yml") and stem != spec_id:
+        c.fail("id", f"{spec_id!r} must equal the file name's stem {stem!r}")
+    description = c.string(data["description"], "description")
+    op = c.string(data.get("op", "attention"), "op", OPS)
+    providers = c.str_list(data["providers"], "providers", PROVIDERS[op])
+    metrics = c.str_list(data["metrics"], "metrics", METRICS)
+    if "error" in metrics and len(metrics) > 1:
+        c.fail("metrics", "'error' is measured on its own: use [error] or a subset of [latency, memory]")
+    if "error" in metrics and op != "attention":
+        c.fail("metrics", "'error' is only defined for op: attention")
+    timing = c.mapping(data.get("timing", {}), "timing", _TIMING_FIELDS)
+    warmup_ms = c.number(timing.get("warmup_ms", DEFAULT_WARMUP_MS), "timing.warmup_ms")
+    rep_ms = c.number(timing.get("rep_ms", DEFAULT_REP_MS), "timing.rep_ms")
+
+    sweeps = []
+    required = {"B", "H", "D", "L", "dtype", "mode"} | ({"c_in"} if op == "triangle_block" else set())
+    for i, sw in enumerate(c.nonempty_list(data["sweeps"], "sweeps")):
+        name = f"sweeps[{i}]"
+        c.mapping(sw, name, _SWEEP_FIELDS, required)
+        if op == "attention" and "c_in" in sw:
+            c.fail(f"{name}.c_in", "only for op: triangle_block")
+        clean = {ax: c.int_list(sw[ax], f"{name}.{ax}") for ax in INT_AXES if ax in sw}
+        clean["dtype"] = c.str_list(sw["dtype"], f"{name}.dtype", DTYPES)
+        clean["mode"] = c.str_list(sw["mode"], f"{name}.mode", MODES)
+        sweeps.append(clean)
+
+    spec = Spec(spec_id, description, op, tuple(providers), tuple(metrics), warmup_ms, rep_ms, tuple(sweeps),
+                (), (), path)
+    outputs = c.mapping(data.get("outputs", {}), "outputs", _OUTPUT_FIELDS)
+    figures = _parse_figures(c, spec, outputs.get("figures", []))
+    tables = _parse_tables(c, spec, outputs.get("tables", []))
+    return dataclasses.replace(spec, figures=tuple(figures), tables=tuple(tables))
+
+
+def _parse_figures(c: _Checker, spec: Spec, items) -> list[FigureOut]:
+    if not isinstance(items, list):
+        c.fail("outputs.figures", f"expected a list, got {type(items).__name__}")
+    out = []
+    points = spec.points()
+    for i, fig in enumerate(items):
+        name = f"outputs.figures[{i}]"
+        c.mapping(fig, name, _FIGURE_FIELDS, {"file", "metric"})
+        file = c.string(fig["file"], f"{name}.file")
+        if not file.endswith(".png") or "/" in file:
+            c.fail(f"{name}.file", f"expected a plain file name ending in .png, got {file!r}")
+        metric = c.string(fig["metric"], f"{name}.metric", [m for m in ("latency", "memory") if m in spec.metrics])
+        where = _check_where(c, fig.get("where", {}), f"{name}.where")
+        chosen = [p for p in points if matches(p.fields(), where)]
+        configs = {tuple(getattr(p, f) for f in CONFIG_FIELDS) for p in chosen}
+        if len(configs) != 1:
+            c.fail(f"{name}.where", f"must select the points of exactly one configuration (all but L and "
+                                    f"provider fixed); it selects {len(configs)}")
+        out.append(FigureOut(file, metric, where))
+    return out
+
+
+def _parse_tables(c: _Checker, spec: Spec, items) -> list[TableOut]:
+    if not isinstance(items, list):
+        c.fail("outputs.tables", f"expected a list, got {type(items).__name__}")
+    out = []
+    for i, tab in enumerate(items):
+        name = f"outputs.tables[{i}]"
+        c.mapping(tab, name, _TABLE_FIELDS, {"file", "kind"})
+        file = c.string(tab["file"], f"{name}.file")
+        if "/" in file or "." in file:
+            c.fail(f"{name}.file", f"expected a file stem without extension or folder, got {file!r}")
+        kind = c.string(tab["kind"], f"{name}.kind", TABLE_KINDS)
+        if kind == "errors" and "error" not in spec.metrics:
+            c.fail(f"{name}.kind", "an errors table needs metrics: [error]")
+        if kind in ("results", "speedup") and "latency" not in spec.metrics:
+            c.fail(f"{name}.kind", f"a {kind} table needs the latency metric")
+        where = _check_where(c, tab.get("where", {}), f"{name}.where")
+        target = c.string(tab.get("target", "flash_tt_attn"), f"{name}.target", spec.providers)
+        baselines = []
+        if kind == "speedup":
+            default = [p for p in ("naive", "flex") if p in spec.providers and p != target]
+            baselines = c.str_list(tab.get("baselines", default), f"{name}.baselines", spec.providers)
+        elif "baselines" in tab:
+            c.fail(f"{name}.baselines", "only for kind: speedup")
+        out.append(TableOut(file, kind, where, target, tuple(baselines)))
+    return out
+
+
+def load_spec(path) -> Spec:
+    """Read and validate one spec file (raises :class:`SpecError` on any problem)."""
+    import yaml  # noqa: PLC0415 (the bench extra; never imported by `import flash_tt_attn`)
+
+    path = str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from e
+    return parse_spec(data, path)
+
+
+def resolve_spec(name: str, specs_dir="experiments") -> Path:
+    """Map a spec id (``seed-fwd``) or a path (``experiments/seed-fwd.yaml``) to an existing file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise SpecError(f"{name}: no such spec file")
+        return p
+    p = Path(specs_dir) / f"{name}.yaml"
+    if not p.exists():
+        known = ", ".join(sorted(q.stem for q in Path(specs_dir).glob("*.yaml"))) or "none"
+        raise SpecError(f"{name}: no spec {p} (known: {known})")
+    return p
+
+
+def all_spec_paths(specs_dir="experiments") -> list[Path]:
+    """Every ``*.yaml`` spec in ``specs_dir``, sorted by name."""
+    return sorted(Path(specs_dir).glob("*.yaml"))

@@ -1,0 +1,155 @@
+"""Tables from the newest log row of each point: a tidy CSV and a readable Markdown file per table.
+
+Kinds (``outputs.tables[].kind`` in a spec):
+
+* ``results``: latency median in ms (and peak memory in MB when measured) per point and provider.
+* ``speedup``: the target provider's latency against each baseline's: speedup = baseline ms / target ms.
+* ``errors``: relative error of o, dq, dk, dv, dbias against the fp64 reference, per provider and dtype.
+
+Formatting is fixed (no locale, no dates), so the same rows always give the same bytes.
+"""
+
+from __future__ import annotations
+
+from .spec import DTYPES, MODES, Spec, TableOut, matches
+
+_CONFIG = ("B", "H", "D", "c_in", "dtype", "mode")
+_ERRORS = ("err_o", "err_dq", "err_dk", "err_dv", "err_dbias")
+_NOT_OK = {"oom": "oom", "unsupported": "n/a", "error": "error"}
+
+
+def fmt_ms(x) -> str:
+    """Milliseconds: 3 decimals below 1 ms, else 2."""
+    return "–" if _missing(x) else (f"{x:.3f}" if x < 1 else f"{x:.2f}")
+
+
+def fmt_mb(x) -> str:
+    """Megabytes (2**20 bytes): whole numbers, one decimal below 10."""
+    return "–" if _missing(x) else (f"{x:.1f}" if x < 10 else f"{x:.0f}")
+
+
+def _missing(x) -> bool:
+    return x is None or x != x
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    """A GitHub Markdown table (pipes in cells escaped)."""
+    esc = lambda s: str(s).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def sorted_frame(rows: list[dict], spec: Spec, where: dict):
+    """The rows matching ``where`` as a DataFrame in a fixed order (config, L, provider as in the spec)."""
+    import pandas as pd  # noqa: PLC0415
+
+    cols = ["provider", *_CONFIG, "L", "status", "ms", "ms_p20", "ms_p80", "peak_mem_mb", *_ERRORS, "error",
+            "gpu", "git_sha", "dirty", "timestamp"]
+    df = pd.DataFrame([r for r in rows if matches(r, where)], columns=cols)
+    if spec.op != "triangle_block":
+        df = df.drop(columns="c_in")
+    order = {
+        "provider": {p: i for i, p in enumerate(spec.providers)},
+        "dtype": {d: i for i, d in enumerate(DTYPES)},
+        "mode": {m: i for i, m in enumerate(MODES)},
+    }
+    keys = [c for c in ("dtype", "mode", "B", "H", "D", "c_in", "L", "provider") if c in df.columns]
+    df = df.sort_values(keys, key=lambda s: s.map(order[s.name]) if s.name in order else s, kind="stable")
+    return df.reset_index(drop=True)
+
+
+def _varying(df) -> tuple[list[str], str]:
+    """Config columns that vary (kept as table columns) and a caption naming the constant ones."""
+    cols = [c for c in _CONFIG if c in df.columns]
+    varying = [c for c in cols if df[c].nunique(dropna=False) > 1]
+    const = [f"{c}={df[c].iloc[0]}" for c in cols if c not in varying and len(df)]
+    return varying, ", ".join(const)
+
+
+def _cell(r, memory: bool) -> str:
+    if r.status != "ok":
+        return _NOT_OK.get(r.status, str(r.status))
+    return f"{fmt_ms(r.ms)} / {fmt_mb(r.peak_mem_mb)}" if memory else fmt_ms(r.ms)
+
+
+def results(df, spec: Spec):
+    """(tidy frame, Markdown body) of a ``results`` table: providers as columns, points as rows."""
+    memory = "memory" in spec.metrics
+    varying, caption = _varying(df)
+    keys = [*varying, "L"]
+    body = []
+    for vals, g in df.groupby(keys, sort=False):
+        by_prov = {r.provider: _cell(r, memory) for r in g.itertuples()}
+        body.append([str(v) for v in vals] + [by_prov.get(p, "–") for p in spec.providers])
+    what = "latency median, ms / peak memory, MB (2^20 bytes)" if memory else "latency median, ms"
+    text = f"{caption}; {what}.\n\n" + markdown_table(keys + list(spec.providers), body)
+    tidy = df.drop(columns=[c for c in _ERRORS if c in df.columns])
+    return tidy, text
+
+
+def speedup(df, spec: Spec, table: TableOut):
+    """(tidy frame, Markdown body) of a ``speedup`` table: baseline ms / target ms per point."""
+    import pandas as pd  # noqa: PLC0415
+
+    varying, caption = _varying(df)
+    keys = [c for c in _CONFIG if c in df.columns] + ["L"]
+    tidy_rows, body = [], []
+    for vals, g in df.groupby(keys, sort=False, dropna=False):
+        by_prov = {r.provider: r for r in g.itertuples()}
+        ms = {p: r.ms for p, r in by_prov.items() if r.status == "ok" and not _missing(r.ms)}
+        shown = {p: fmt_ms(ms[p]) if p in ms else _NOT_OK.get(getattr(by_prov.get(p), "status", None), "–")
+                 for p in (table.target, *table.baselines)}
+        rec = dict(zip(keys, vals, strict=True))
+        rec[f"{table.target}_ms"] = ms.get(table.target)
+        line = [str(rec[k]) for k in [*varying, "L"]] + [shown[table.target]]
+        for b in table.baselines:
+            sp = ms[b] / ms[table.target] if b in ms and table.target in ms else None
+            rec[f"{b}_ms"], rec[f"speedup_vs_{b}"] = ms.get(b), sp
+            line += [shown[b], "–" if sp is None else f"{sp:.2f}×"]
+        tidy_rows.append(rec)
+        body.append(line)
+    header = [*varying, "L", f"{table.target} ms"]
+    for b in table.baselines:
+        header += [f"{b} ms", f"vs {b}"]
+    text = f"{caption}; latency median in ms, speedup = baseline ms / {table.target} ms.\n\n"
+    return pd.DataFrame(tidy_rows), text + markdown_table(header, body)
+
+
+def errors(df, spec: Spec):
+    """(tidy frame, Markdown body) of an ``errors`` table: relative errors against fp64."""
+    varying, caption = _varying(df)
+    keys = ["dtype", *[c for c in varying if c != "dtype"], "L", "provider"]
+    cols = [c for c in _ERRORS if df[c].notna().any()] or ["err_o"]
+    body = []
+    for r in df.itertuples():
+        vals = [str(getattr(r, k)) for k in keys]
+        if r.status != "ok":
+            body.append(vals + [_NOT_OK.get(r.status, str(r.status))] * len(cols))
+        else:
+            body.append(vals + ["–" if _missing(getattr(r, c)) else f"{getattr(r, c):.2e}" for c in cols])
+    text = (f"{caption}; relative error ‖x − ref‖ / ‖ref‖ against the float64 reference "
+            f"(same inputs and dO).\n\n")
+    tidy = df[["provider", *[c for c in _CONFIG if c in df.columns], "L", "status", *_ERRORS, "error",
+               "gpu", "git_sha", "timestamp"]]
+    return tidy, text + markdown_table([*keys, *[c.replace("err_", "") for c in cols]], body)
+
+
+def write_table(rows: list[dict], spec: Spec, table: TableOut, out_stem, title: str, source: str) -> list:
+    """Write ``<out_stem>.csv`` and ``<out_stem>.md``; return the two paths."""
+    from pathlib import Path  # noqa: PLC0415
+
+    df = sorted_frame(rows, spec, table.where)
+    if table.kind == "results":
+        tidy, body = results(df, spec)
+    elif table.kind == "speedup":
+        tidy, body = speedup(df, spec, table)
+    else:
+        tidy, body = errors(df, spec)
+    out_stem = Path(out_stem)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    csv, md = out_stem.with_suffix(".csv"), out_stem.with_suffix(".md")
+    tidy.to_csv(csv, index=False, float_format="%.6g", lineterminator="\n")
+    md.write_text(f"# {title}\n\nSource: [{Path(source).name}]({source}) (newest row per point).\n\n{body}",
+                  encoding="utf-8", newline="\n")
+    return [csv, md]
