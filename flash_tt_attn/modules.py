@@ -1,0 +1,333 @@
+"""AlphaFold 2 triangle attention blocks (Algorithms 13 and 14) as ``nn.Module``.
+
+Two classes with the same parameters:
+
+* :class:`TriangleAttention` runs the fused kernel, :func:`flash_tt_attn.attention`.
+* :class:`TriangleAttentionReference` does the same math in plain PyTorch (einsum,
+  softmax, the full ``(B, H, L, L, L)`` score tensor, OpenFold's ``inf * (mask - 1)``
+  mask bias). Tests compare against it; benchmarks use it as the unfused baseline.
+
+Parameter layout
+----------------
+The state-dict keys are those of OpenFold's ``openfold.model.triangular_attention.
+TriangleAttention``, so an OpenFold checkpoint loads without renaming
+(:data:`OPENFOLD_KEYS`; the key mapping is the identity)::
+
+    layer_norm.weight, layer_norm.bias   (c_in,)                  LayerNorm, eps 1e-5
+    linear.weight                        (no_heads, c_in)          pair bias, no bias term
+    mha.linear_q.weight                  (no_heads*c_hidden, c_in) no bias term
+    mha.linear_k.weight                  (no_heads*c_hidden, c_in) no bias term
+    mha.linear_v.weight                  (no_heads*c_hidden, c_in) no bias term
+    mha.linear_g.weight, .bias           (no_heads*c_hidden, c_in), (no_heads*c_hidden,)  gate
+    mha.linear_o.weight, .bias           (c_in, no_heads*c_hidden), (c_in,)              output
+
+``c_hidden`` is the per-head width (as in OpenFold's code); queries are scaled by
+``1/sqrt(c_hidden)``. ``linear_b`` is an alias of ``linear`` (the name the AlphaFold
+supplement uses), not a separate parameter. Helpers: :meth:`TriangleAttention.from_openfold`,
+:meth:`TriangleAttention.from_openfold_state_dict` and :func:`replace_openfold_triangle_attention`.
+
+Masking: the one difference from OpenFold
+------------------------------------------
+OpenFold adds ``inf * (mask - 1)`` (``inf = 1e9``) to the scores. Wherever a row
+has at least one valid key this is the same as leaving masked keys out, which is
+what the kernel does, and the two agree to rounding. A row whose keys are *all*
+masked differs: OpenFold's softmax then sees scores that all sit near ``-1e9`` and
+returns a rounding-dependent, near-uniform average of the values, while the kernel
+returns 0, so this block outputs ``linear_o.bias`` at those positions. Such rows
+belong to padding residues (``mask[i, :]`` is all zero only when residue i is
+padding), whose outputs do not reach valid positions; both are finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .api import SUPPORTED_HEAD_DIMS, attention
+
+__all__ = [
+    "TriangleAttention",
+    "TriangleAttentionReference",
+    "OPENFOLD_KEYS",
+    "replace_openfold_triangle_attention",
+]
+
+#: State-dict keys of one block, identical to OpenFold's ``TriangleAttention``.
+OPENFOLD_KEYS = (
+    "layer_norm.weight",
+    "layer_norm.bias",
+    "linear.weight",
+    "mha.linear_q.weight",
+    "mha.linear_k.weight",
+    "mha.linear_v.weight",
+    "mha.linear_o.weight",
+    "mha.linear_o.bias",
+    "mha.linear_g.weight",
+    "mha.linear_g.bias",
+)
+
+
+class _HeadProjections(nn.Module):
+    """The query, key, value, gate and output projections (OpenFold's ``Attention`` layout)."""
+
+    def __init__(self, c_in: int, c_hidden: int, no_heads: int):
+        super().__init__()
+        width = c_hidden * no_heads
+        self.linear_q = nn.Linear(c_in, width, bias=False)
+        self.linear_k = nn.Linear(c_in, width, bias=False)
+        self.linear_v = nn.Linear(c_in, width, bias=False)
+        self.linear_o = nn.Linear(width, c_in, bias=True)
+        self.linear_g = nn.Linear(c_in, width, bias=True)
+
+
+class _TriangleAttentionBase(nn.Module):
+    """Parameters, projections and gating shared by the fused and the reference block."""
+
+    def __init__(self, c_in: int, c_hidden: int, no_heads: int, starting: bool = True, inf: float = 1e9):
+        super().__init__()
+        for name, value in (("c_in", c_in), ("c_hidden", c_hidden), ("no_heads", no_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {value!r}")
+        self.c_in = c_in
+        self.c_hidden = c_hidden
+        self.no_heads = no_heads
+        self.starting = bool(starting)
+        self.inf = float(inf)
+        self.layer_norm = nn.LayerNorm(c_in)
+        self.linear = nn.Linear(c_in, no_heads, bias=False)
+        self.mha = _HeadProjections(c_in, c_hidden, no_heads)
+        self.reset_parameters()
+
+    @property
+    def linear_b(self) -> nn.Linear:
+        """The pair-bias projection (c_in -> no_heads); the same module as ``self.linear``."""
+        return self.linear
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.c_hidden)
+
+    def reset_parameters(self) -> None:
+        """AlphaFold's initialisation: Glorot q/k/v, N(0, 1/c_in) bias projection,
+        gate weight 0 and bias 1, output projection 0 (the block starts as a zero update)."""
+        self.layer_norm.reset_parameters()
+        with torch.no_grad():
+            for lin in (self.mha.linear_q, self.mha.linear_k, self.mha.linear_v):
+                nn.init.xavier_uniform_(lin.weight)
+            nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(self.c_in))
+            self.mha.linear_g.weight.zero_()
+            self.mha.linear_g.bias.fill_(1.0)
+            self.mha.linear_o.weight.zero_()
+            self.mha.linear_o.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"c_in={self.c_in}, c_hidden={self.c_hidden}, no_heads={self.no_heads}, "
+                f"starting={self.starting}, inf={self.inf:g}")
+
+    @classmethod
+    def from_openfold_state_dict(
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        starting: bool = True,
+        inf: float = 1e9,
+        prefix: str = "",
+    ) -> _TriangleAttentionBase:
+        """Build a block from an OpenFold ``TriangleAttention`` state dict.
+
+        ``c_in``, ``no_heads`` and ``c_hidden`` are read off the tensor shapes. ``prefix``
+        selects one block of a whole-model checkpoint, e.g.
+        ``"evoformer.blocks.0.core.tri_att_start."``. ``starting`` is not stored in the
+        checkpoint: OpenFold's Evoformer builds both of its blocks with ``starting=True``
+        and transposes the pair tensor itself around ``tri_att_end``.
+        The returned block holds copies on the tensors' device and dtype.
+        """
+        sd = {key: state_dict[prefix + key] for key in OPENFOLD_KEYS if prefix + key in state_dict}
+        missing = [prefix + key for key in OPENFOLD_KEYS if key not in sd]
+        if missing:
+            raise KeyError(f"{cls.__name__}.from_openfold_state_dict: missing keys {missing}")
+        no_heads, c_in = sd["linear.weight"].shape
+        c_hidden = sd["mha.linear_q.weight"].shape[0] // no_heads
+        ref = sd["mha.linear_q.weight"]
+        block = cls(int(c_in), int(c_hidden), int(no_heads), starting=starting, inf=inf)
+        block = block.to(device=ref.device, dtype=ref.dtype)
+        block.load_state_dict(sd, strict=True)
+        return block
+
+    @classmethod
+    def from_openfold(cls, module: nn.Module) -> _TriangleAttentionBase:
+        """Build a block from an OpenFold ``TriangleAttention`` instance (weights copied).
+
+        Reads ``c_in``, ``c_hidden``, ``no_heads``, ``starting`` and ``inf`` from the
+        module, so starting/ending subclasses keep their orientation, and puts the
+        copy on the module's device and dtype, in the module's train/eval mode.
+        """
+        block = cls(int(module.c_in), int(module.c_hidden), int(module.no_heads),
+                    starting=bool(module.starting), inf=float(getattr(module, "inf", 1e9)))
+        weight = module.linear.weight
+        block = block.to(device=weight.device, dtype=weight.dtype)
+        block.load_state_dict(module.state_dict(), strict=True)
+        return block.train(module.training)
+
+    def _attention_core(self, q, k, v, bias, mask):
+        """q, k, v: (B, H, L, L, c_hidden); bias (B, H, L, L); mask bool (B, L, L) or None."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, **openfold_kwargs) -> torch.Tensor:
+        """Apply the block (its update only: add the residual yourself, as OpenFold does).
+
+        Args:
+            x: pair representation (*, L, L, c_in); any number of leading dims (≥ 0).
+            mask: optional (*, L, L) bool or float, broadcastable to ``x.shape[:-1]``;
+                True / 1 = valid. Float masks are read as ``mask > 0.5``. For the ending
+                node it is indexed like ``x`` (the block transposes both).
+            **openfold_kwargs: accepted and ignored, so calls written for OpenFold's
+                module (``chunk_size=``, ``use_lma=``, ``use_memory_efficient_kernel=``,
+                ``inplace_safe=``, ...) work unchanged.
+
+        Returns:
+            (*, L, L, c_in) tensor, dtype of the last projection (x's dtype, or the
+            autocast dtype under ``torch.autocast``).
+        """
+        if x.dim() < 3 or x.shape[-3] != x.shape[-2] or x.shape[-1] != self.c_in:
+            raise ValueError(f"{type(self).__name__}: x must have shape (*, L, L, c_in={self.c_in}), "
+                             f"got {tuple(x.shape)}")
+        L, lead = x.shape[-2], x.shape[:-3]
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                mask = mask > 0.5
+            mask = torch.broadcast_to(mask, x.shape[:-1])
+        if not self.starting:
+            x = x.transpose(-2, -3)
+            mask = None if mask is None else mask.transpose(-1, -2)
+        x = x.reshape(-1, L, L, self.c_in)
+        if mask is not None:
+            mask = mask.reshape(-1, L, L)
+        B, H, D = x.shape[0], self.no_heads, self.c_hidden
+
+        x = self.layer_norm(x)
+        # (B, L, L, H*D) -> (B, H, L, L, D) views; bias[b, h, j, k] comes from x[b, j, k].
+        q, k, v = (lin(x).view(B, L, L, H, D).permute(0, 3, 1, 2, 4)
+                   for lin in (self.mha.linear_q, self.mha.linear_k, self.mha.linear_v))
+        bias = self.linear(x).permute(0, 3, 1, 2)
+
+        o = self._attention_core(q, k, v, bias, mask)  # (B, H, L, L, D)
+
+        g = torch.sigmoid(self.mha.linear_g(x)).view(B, L, L, H, D)
+        o = (o.permute(0, 2, 3, 1, 4) * g).reshape(B, L, L, H * D)
+        out = self.mha.linear_o(o).reshape(*lead, L, L, self.c_in)
+        if not self.starting:
+            out = out.transpose(-2, -3)
+        return out
+
+
+class TriangleAttention(_TriangleAttentionBase):
+    """Triangle self-attention around the starting (Alg. 13) or ending (Alg. 14) node, fused.
+
+    ``LayerNorm -> q, k, v, pair bias, gate -> attention() -> gate -> output projection``,
+    with the parameter names and shapes of OpenFold's ``TriangleAttention`` (see the
+    module docstring for the layout and the one masking difference).
+
+    Args:
+        c_in: channels of the pair representation.
+        c_hidden: channels per head. Widths other than 16, 32, 64, 128 (up to 128) are
+            zero-padded to the next one inside the block; the result is the same.
+        no_heads: number of heads.
+        starting: True for the starting node, False for the ending node (the block
+            transposes x and mask over the two pair dims, runs, and transposes back).
+        inf: kept for OpenFold compatibility; the fused block excludes masked keys
+            outright, only :class:`TriangleAttentionReference` uses it.
+
+    Shapes: ``x`` (*, L, L, c_in), ``mask`` (*, L, L) with 1 / True = valid; output
+    (*, L, L, c_in). Supports float16, bfloat16, float32, float64, ``torch.autocast``
+    (q, k, v and the bias are given one dtype and the kernel runs with autocast off),
+    ``torch.utils.checkpoint`` and ``torch.compile(fullgraph=True)``.
+
+    Example::
+
+        >>> import torch
+        >>> from flash_tt_attn import TriangleAttention
+        >>> block = TriangleAttention(c_in=16, c_hidden=16, no_heads=2, starting=True)
+        >>> z = torch.randn(1, 8, 8, 16)
+        >>> pair_mask = torch.ones(1, 8, 8)
+        >>> block(z, mask=pair_mask).shape
+        torch.Size([1, 8, 8, 16])
+    """
+
+    def __init__(self, c_in: int, c_hidden: int, no_heads: int, starting: bool = True, inf: float = 1e9):
+        if isinstance(c_hidden, int) and c_hidden > max(SUPPORTED_HEAD_DIMS):
+            raise ValueError(f"TriangleAttention: c_hidden = {c_hidden} is larger than the kernel's largest "
+                             f"head dim {max(SUPPORTED_HEAD_DIMS)}")
+        super().__init__(c_in, c_hidden, no_heads, starting, inf)
+        self._kernel_head_dim = min(d for d in SUPPORTED_HEAD_DIMS if d >= c_hidden)
+
+    def _attention_core(self, q, k, v, bias, mask):
+        # One dtype for all four (under autocast: the autocast dtype the projections gave).
+        # Contiguous copies: coalesced loads of the bias tiles, and the Triton backward
+        # writes dq/dk/dv with the strides of q/k/v (wrong for permuted views).
+        dtype = q.dtype
+        k, v, bias = k.to(dtype), v.to(dtype), bias.to(dtype).contiguous()
+        pad = self._kernel_head_dim - self.c_hidden
+        if pad:
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+        else:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            o = attention(q, k, v, bias, scale=self.scale, mask=mask)
+        return o[..., : self.c_hidden] if pad else o
+
+
+class TriangleAttentionReference(_TriangleAttentionBase):
+    """The same block in plain PyTorch, with OpenFold's math (unfused, O(B·H·L³) memory).
+
+    Scores ``scale·q·kᵀ + bias + inf·(mask - 1)`` are materialised, soft-maxed (in at
+    least float32) and multiplied with v: OpenFold's ``TriangleAttention`` math, so fully
+    masked rows give a near-uniform average rather than the fused block's 0.
+    Same constructor, parameters (state dict) and ``forward`` as :class:`TriangleAttention`;
+    use it for tests on small shapes and as the unfused baseline in benchmarks.
+
+    Example::
+
+        >>> import torch
+        >>> from flash_tt_attn import TriangleAttention, TriangleAttentionReference
+        >>> fused = TriangleAttention(16, 16, 2, starting=False)
+        >>> ref = TriangleAttentionReference(16, 16, 2, starting=False)
+        >>> _ = ref.load_state_dict(fused.state_dict())
+        >>> ref(torch.randn(1, 8, 8, 16)).shape
+        torch.Size([1, 8, 8, 16])
+    """
+
+    def _attention_core(self, q, k, v, bias, mask):
+        acc = torch.promote_types(q.dtype, torch.float32)
+        s = torch.einsum("bhijd,bhikd->bhijk", q, k) * self.scale + bias[:, :, None]
+        s = s.to(acc)
+        if mask is not None:
+            mask_bias = self.inf * (mask.to(acc) - 1.0)  # (B, L_i, L_k)
+            s = s + mask_bias[:, None, :, None, :]
+        p = torch.softmax(s, dim=-1)
+        return torch.einsum("bhijk,bhikd->bhijd", p.to(v.dtype), v)
+
+
+def replace_openfold_triangle_attention(model: nn.Module, cls: type = TriangleAttention) -> int:
+    """Swap every OpenFold ``TriangleAttention`` inside ``model`` for ``cls``, weights copied.
+
+    A submodule is swapped when its class is named ``TriangleAttention``,
+    ``TriangleAttentionStartingNode`` or ``TriangleAttentionEndingNode`` and it has
+    OpenFold's ``layer_norm``, ``linear`` and ``mha`` children. Returns how many were
+    swapped. The model's ``state_dict`` keys do not change, so checkpoints still load.
+    """
+    names = {"TriangleAttention", "TriangleAttentionStartingNode", "TriangleAttentionEndingNode"}
+    todo = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if (type(child).__name__ in names and not isinstance(child, _TriangleAttentionBase)
+                    and all(hasattr(child, a) for a in ("layer_norm", "linear", "mha"))):
+                todo.append((parent, name, child))
+    for parent, name, child in todo:
+        setattr(parent, name, cls.from_openfold(child))
+    return len(todo)
+
