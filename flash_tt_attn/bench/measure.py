@@ -94,11 +94,14 @@ def time_call(call: Callable, leaves: list, device, warmup_ms: float, rep_ms: fl
         call()
         return (time.perf_counter() - t0) * 1e3
 
-    first = max(once(), 1e-3)
-    for _ in range(min(100, int(warmup_ms / first))):
-        once()
-    times = torch.tensor([once() for _ in range(max(5, min(1000, int(rep_ms / first))))], dtype=torch.float64)
-    return tuple(float(x) for x in times.quantile(torch.tensor(QUANTILES, dtype=torch.float64)))
+    spent = 0.0
+    while spent < warmup_ms:
+        spent += once()
+    times = []
+    while len(times) < 5 or (sum(times) < rep_ms and len(times) < 1000):
+        times.append(once())
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
+    return tuple(float(x) for x in q)
 
 
 def peak_memory_mb(call: Callable, leaves: list, device) -> float | None:

@@ -46,8 +46,9 @@ def _short(e: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + " [...]"
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
+def _free(device: torch.device, collect: bool) -> None:
+    if collect:  # after a failure: drop what the exception's frames held (gc is slow; skip it otherwise)
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -68,7 +69,7 @@ def measure_row(spec: Spec, point: Point, device: torch.device, env: dict) -> di
         status, error = "oom", str(e).splitlines()[0] if str(e) else "out of memory"
     except Exception as e:  # noqa: BLE001 (any provider failure becomes a row; the sweep goes on)
         status, error = "error", _short(e)
-    _free(device)
+    _free(device, collect=status != "ok")
     bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         status, error, values = "error", f"non-finite result: {', '.join(bad)}", {}
@@ -98,10 +99,11 @@ def todo_points(spec: Spec, path: Path, force: bool = False) -> tuple[list[Point
 
 
 def run_specs(names, specs_dir="experiments", logs_dir="experiments/logs", device=None, force=False,
-              dry_run=False, out=sys.stdout) -> int:
+              dry_run=False, out=None) -> int:
     """Validate every named spec, then measure each one's missing points; return the number of
     points measured. With ``dry_run`` only list the points (``todo``/``done``) and measure nothing."""
     specs = [load_spec(resolve_spec(n, specs_dir)) for n in names]  # all validated before anything runs
+    out = sys.stdout if out is None else out
     device = pick_device(device)
     env = environment(device)
     slug = gpu_slug(env["gpu"])

@@ -1,0 +1,159 @@
+"""The benchmark runner on CPU: row schema, resume, kill -9 and rerun, torn lines, failing providers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+from flash_tt_attn.bench import providers  # noqa: E402
+from flash_tt_attn.bench.logs import newest, read_rows  # noqa: E402
+from flash_tt_attn.bench.runner import run_specs  # noqa: E402
+from flash_tt_attn.bench.spec import load_spec, row_key  # noqa: E402
+
+REQUIRED = ("spec", "provider", "B", "H", "L", "D", "dtype", "mode", "status", "ms", "ms_p20", "ms_p80",
+            "peak_mem_mb", "gpu", "driver", "cuda", "torch", "triton", "git_sha", "dirty", "timestamp")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_spec(tmp_path, spec_id="tiny", providers=("naive",), L=(4, 8), modes=("fwd",), rep_ms=2):
+    specs = tmp_path / "specs"
+    specs.mkdir(exist_ok=True)
+    data = {
+        "id": spec_id, "description": "tiny CPU spec", "providers": list(providers),
+        "metrics": ["latency", "memory"], "timing": {"warmup_ms": 1, "rep_ms": rep_ms},
+        "sweeps": [{"B": [1], "H": [2], "D": [16], "L": list(L), "dtype": ["float32"], "mode": list(modes)}],
+    }
+    (specs / f"{spec_id}.yaml").write_text(yaml.safe_dump(data))
+    return specs, tmp_path / "logs"
+
+
+def run(specs, logs, *names, **kw):
+    return run_specs(list(names), specs, logs, device="cpu", **kw)
+
+
+def log_of(logs, spec_id="tiny"):
+    return logs / "cpu" / f"{spec_id}.jsonl"
+
+
+def assert_each_point_once(specs, logs, spec_id="tiny"):
+    expected = sorted(p.key() for p in load_spec(specs / f"{spec_id}.yaml").points())
+    got = sorted(row_key(r) for r in read_rows(log_of(logs, spec_id)))
+    assert got == expected
+
+
+def test_rows_follow_the_schema_and_rerun_resumes(tmp_path):
+    specs, logs = make_spec(tmp_path, modes=("fwd", "fwd_bwd"))
+    assert run(specs, logs, "tiny") == 4
+    rows = read_rows(log_of(logs))
+    assert len(rows) == 4
+    for r in rows:
+        assert set(REQUIRED) <= set(r), set(REQUIRED) - set(r)
+        assert r["status"] == "ok" and "error" not in r
+        assert r["dtype"] == "float32" and r["mode"] in ("fwd", "fwd_bwd") and r["gpu"] == "cpu"
+        assert 0 < r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+        assert r["peak_mem_mb"] is None  # no memory numbers off CUDA
+    assert run(specs, logs, "tiny") == 0  # everything done
+    assert run(specs, logs, "tiny", force=True) == 4
+    assert len(read_rows(log_of(logs))) == 8 and len(newest(read_rows(log_of(logs)))) == 4
+
+
+def test_dry_run_lists_points_and_measures_nothing(tmp_path, capsys):
+    specs, logs = make_spec(tmp_path)
+    run(specs, logs, "tiny", dry_run=True)
+    out = capsys.readouterr().out
+    assert out.count("\ttodo") == 2 and not log_of(logs).exists()
+    run(specs, logs, "tiny")
+    run(specs, logs, "tiny", dry_run=True)
+    assert capsys.readouterr().out.count("\tdone") == 2
+
+
+def test_failing_provider_is_an_error_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    specs, logs = make_spec(tmp_path, providers=("naive", "flex"), L=(4, 8, 12))
+    bind = providers.Naive.bind
+
+    def flaky(self, q, k, v, bias):
+        if q.shape[2] == 8:
+            raise RuntimeError("boom at L=8")
+        return bind(self, q, k, v, bias)
+
+    monkeypatch.setattr(providers.Naive, "bind", flaky)
+    run(specs, logs, "tiny")
+    rows = {(r["provider"], r["L"]): r for r in read_rows(log_of(logs))}
+    assert len(rows) == 6
+    assert rows[("naive", 8)]["status"] == "error" and "boom at L=8" in rows[("naive", 8)]["error"]
+    assert rows[("naive", 4)]["status"] == rows[("naive", 12)]["status"] == "ok"
+    assert rows[("flex", 4)]["status"] == "unsupported" and "CUDA" in rows[("flex", 4)]["error"]
+    # A rerun retries only the error point (unsupported counts as done); the newest row wins.
+    monkeypatch.setattr(providers.Naive, "bind", bind)
+    assert run(specs, logs, "tiny") == 1
+    latest = {(r["provider"], r["L"]): r for r in newest(read_rows(log_of(logs)))}
+    assert latest[("naive", 8)]["status"] == "ok"
+
+
+def test_torn_last_line_is_reported_skipped_and_repaired(tmp_path, capsys):
+    specs, logs = make_spec(tmp_path, L=(4, 8, 12))
+    run(specs, logs, "tiny")
+    path = log_of(logs)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # killed mid-write
+    capsys.readouterr()
+    assert len(read_rows(path)) == 2
+    assert "torn last line" in capsys.readouterr().err
+    assert run(specs, logs, "tiny") == 1  # the torn point is measured again
+    assert "removed a torn last line" in capsys.readouterr().err
+    assert path.read_text().endswith("\n")
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+    assert_each_point_once(specs, logs)
+
+
+def test_invalid_line_in_the_middle_is_reported_and_skipped(tmp_path, capsys):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n{not json}\n[1, 2]\n{"a": 2}\n')
+    assert read_rows(path) == [{"a": 1}, {"a": 2}]
+    err = capsys.readouterr().err
+    assert "x.jsonl:2: not valid JSON" in err and "x.jsonl:3: not a JSON object" in err
+
+
+def test_newest_row_wins_by_timestamp():
+    base = {"spec": "s", "provider": "p", "B": 1, "H": 1, "L": 4, "D": 16, "dtype": "float32", "mode": "fwd"}
+    rows = [{**base, "ms": 2.0, "timestamp": "2026-01-02T00:00:00.000000+00:00"},
+            {**base, "ms": 1.0, "timestamp": "2026-01-01T00:00:00.000000+00:00"},
+            {**base, "L": 8, "ms": 3.0, "timestamp": "2026-01-01T00:00:00.000000+00:00"}]
+    assert sorted(r["ms"] for r in newest(rows)) == [2.0, 3.0]
+
+
+def test_killed_run_resumes_with_every_point_exactly_once(tmp_path):
+    # flash_tt_attn runs its PyTorch path (no interpreter) so each point is quick but still ~rep_ms long.
+    specs, logs = make_spec(tmp_path, providers=("flash_tt_attn", "naive"), L=(4, 5, 6, 7), rep_ms=120)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "flash_tt_attn.bench", "--specs", str(specs), "--logs", str(logs),
+           "run", "tiny", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = log_of(logs)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and path.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = path.read_text().count("\n")
+    assert 2 <= n_before < 8, "the run finished before it could be killed"
+    subprocess.run(cmd, env=env, cwd=tmp_path, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert_each_point_once(specs, logs)
+    assert path.read_text().count("\n") == 8
+
+
+def test_import_flash_tt_attn_stays_light():
+    # (tqdm is left out: `import torch` itself imports it when installed, through torch.hub.)
+    code = ("import sys, flash_tt_attn, flash_tt_attn.bench, flash_tt_attn.bench.spec; "
+            "heavy = {'pandas', 'seaborn', 'matplotlib', 'yaml'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
