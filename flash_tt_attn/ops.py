@@ -154,13 +154,13 @@ def attention_bwd(
 
     wrap_triton(attention_bwd_dq_kernel)[(triton.cdiv(L, cfg.block_j), R, B * H)](
         q, k, v, bias, mask_t, out, dout, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
+        *q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
         H, L, scale, **common,
     )
     wrap_triton(attention_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_k), R, B * H)](
         q, k, v, bias, mask_t, dout, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
         H, L, scale, **common,
     )

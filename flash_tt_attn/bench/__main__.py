@@ -16,20 +16,21 @@ from .spec import SpecError, all_spec_paths, load_spec, resolve_spec
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m flash_tt_attn.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--specs", default="experiments", help="folder of spec files (default: experiments)")
-    ap.add_argument("--logs", default="experiments/logs", help="folder of raw logs (default: experiments/logs)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--specs", default="experiments", help="folder of spec files (default: experiments)")
+    common.add_argument("--logs", default="experiments/logs", help="folder of raw logs (default: experiments/logs)")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="measure the points of specs that the log does not hold yet")
+    run = sub.add_parser("run", parents=[common], help="measure the points of specs that the log does not hold yet")
     run.add_argument("spec", nargs="+", help="spec id (experiments/<id>.yaml) or path")
     run.add_argument("--dry-run", action="store_true", help="list the points (todo/done); measure nothing")
     run.add_argument("--force", action="store_true", help="measure every point again (rows are appended)")
     run.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
 
-    fig = sub.add_parser("figures", help="regenerate tables, figures and their README from the logs")
+    fig = sub.add_parser("figures", parents=[common], help="regenerate tables, figures and their README from the logs")
     fig.add_argument("--out", default="paper_figures", help="output folder (default: paper_figures)")
 
-    val = sub.add_parser("validate", help="validate specs (default: all of them) and count their points")
+    val = sub.add_parser("validate", parents=[common], help="validate specs (default: all) and count their points")
     val.add_argument("spec", nargs="*", help="spec ids or paths")
     return ap
 

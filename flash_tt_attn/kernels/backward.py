@@ -24,6 +24,7 @@ import triton.language as tl
 def attention_bwd_dq_kernel(
     Q, K, V, BIAS, MASK, OUT, DOUT, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qi, stride_qj, stride_qd,
+    stride_dqb, stride_dqh, stride_dqi, stride_dqj, stride_dqd,
     stride_kb, stride_kh, stride_ki, stride_kk, stride_kd,
     stride_vb, stride_vh, stride_vi, stride_vk, stride_vd,
     stride_ob, stride_oh, stride_oi, stride_oj, stride_od,
@@ -103,8 +104,8 @@ def attention_bwd_dq_kernel(
         dq += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     dq = dq * scale
-    tl.store(DQ + b * stride_qb + h * stride_qh + row * stride_qi + offs_j64 * stride_qj
-             + offs_d[None, :] * stride_qd, dq.to(DQ.dtype.element_ty), mask=j_in[:, None])
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + row * stride_dqi + offs_j64 * stride_dqj
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=j_in[:, None])
 
 
 @triton.jit
@@ -113,6 +114,8 @@ def attention_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qi, stride_qj, stride_qd,
     stride_kb, stride_kh, stride_ki, stride_kk, stride_kd,
     stride_vb, stride_vh, stride_vi, stride_vk, stride_vd,
+    stride_dkb, stride_dkh, stride_dki, stride_dkk, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvi, stride_dvk, stride_dvd,
     stride_dob, stride_doh, stride_doi, stride_doj, stride_dod,
     stride_bb, stride_bh, stride_bj, stride_bk,
     stride_mb, stride_mi, stride_mk,
@@ -188,10 +191,10 @@ def attention_bwd_dkdv_kernel(
         dk += tl.dot(dst.to(q_tile.dtype), q_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     dk = dk * scale
-    tl.store(DK + b * stride_kb + h * stride_kh + row * stride_ki + offs_k64 * stride_kk
-             + offs_d[None, :] * stride_kd, dk.to(DK.dtype.element_ty), mask=k_in[:, None])
-    tl.store(DV + b * stride_vb + h * stride_vh + row * stride_vi + offs_k64 * stride_vk
-             + offs_d[None, :] * stride_vd, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
+    tl.store(DK + b * stride_dkb + h * stride_dkh + row * stride_dki + offs_k64 * stride_dkk
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=k_in[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + row * stride_dvi + offs_k64 * stride_dvk
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
 
 
 @triton.jit

@@ -1,0 +1,287 @@
+"""Triangle attention with the rows i split over the ranks of a process group.
+
+Rows i of triangle attention are independent: row i reads only q, k, v (and the mask)
+of row i, plus the bias, which every row shares. So each rank of a group can hold a
+contiguous block of rows and compute its part of the output with no communication.
+The only coupling is the bias gradient, a sum over all rows: the backward all-reduces
+it (one B·H·L² sum per call), so every rank ends with the full bias gradient.
+
+Example (run with ``torchrun --nproc-per-node 2 example.py``)::
+
+    import torch, torch.distributed as dist
+    from flash_tt_attn.distributed import attention, row_block
+
+    dist.init_process_group("nccl")
+    rank = dist.get_rank()
+    torch.cuda.set_device(rank)
+    B, H, L, D = 1, 4, 256, 32
+    rows = row_block(L)                                  # this rank's slice of rows i
+    g = torch.Generator("cuda").manual_seed(0)           # same full tensors on every rank
+    q, k, v = (torch.randn(B, H, L, L, D, device="cuda", generator=g)[:, :, rows] for _ in range(3))
+    bias = torch.randn(B, H, L, L, device="cuda", generator=g, requires_grad=True)
+    o = attention(q, k, v, bias)                         # (B, H, rows, L, D)
+    o.sum().backward()                                   # bias.grad: the full gradient, on every rank
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import reference
+from .api import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, _shape, _uses_triton
+
+__all__ = ["attention", "row_block"]
+
+_NAME = "flash_tt_attn.distributed.attention()"
+_DTYPE_CODES = {dt: n for n, dt in enumerate(SUPPORTED_DTYPES, start=1)}
+_MAX_MESSAGE_BYTES = 2048
+
+
+def row_block(L: int, group: Optional[dist.ProcessGroup] = None, *, rank: Optional[int] = None,
+              world_size: Optional[int] = None) -> slice:
+    """The contiguous rows i that ``rank`` of ``group`` holds when L rows are split evenly.
+
+    The first ``L % world_size`` ranks get one row more (the split of ``torch.tensor_split``),
+    so blocks differ by at most one row; with more ranks than rows the last ranks get none.
+    ``rank`` and ``world_size`` default to those of ``group`` (the default group).
+
+    >>> [row_block(7, rank=r, world_size=3) for r in range(3)]
+    [slice(0, 3, None), slice(3, 5, None), slice(5, 7, None)]
+    """
+    if rank is None:
+        rank = dist.get_rank(group)
+    if world_size is None:
+        world_size = dist.get_world_size(group)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"row_block(): rank {rank} is not in [0, {world_size})")
+    base, extra = divmod(int(L), world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def _local_attention(q, k, v, bias, mask, scale):
+    """This rank's rows: the Triton ops on CUDA (or under the interpreter), else the chunked reference."""
+    if q.shape[2] > 0 and _uses_triton(q.device):
+        from .ops import attention_fwd  # noqa: PLC0415 (keeps the CPU-only import light)
+
+        # contiguous(): ops.attention_bwd writes dq, dk, dv (allocated contiguous) with q's, k's and v's
+        # strides, so a strided view (a block of rows sliced from a bigger tensor) would be written out
+        # of bounds. A no-op for contiguous inputs; drop it once the ops pass the gradients' own strides.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return attention_fwd(q, k, v, bias, mask, scale)[0]
+    # A rank without rows also lands here: an empty output and a zero bias gradient.
+    return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; the backward all-reduces (sums) the gradient over the group."""
+
+    @staticmethod
+    def forward(ctx, bias, group):
+        ctx.group = group
+        return bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Sum in at least fp32 (a 16-bit bias's gradient is rounded once, after the sum), into a
+        # fresh contiguous buffer: autograd's incoming gradient must not be changed in place.
+        total = torch.empty(grad.shape, dtype=torch.promote_types(grad.dtype, torch.float32), device=grad.device)
+        total.copy_(grad)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total.to(grad.dtype), None
+
+
+def _check_local(q, k, v, bias, scale, mask) -> None:
+    """The checks of flash_tt_attn.attention(), for a block of R ≤ L rows."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_NAME}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{_NAME}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if q.dim() != 5:
+        raise ValueError(f"{_NAME}: q must have shape (B, H, L_local, L, D) (5 dims), got {_shape(q)}")
+    B, H, R, L, D = q.shape
+    if R > L:
+        raise ValueError(f"{_NAME}: q must have shape (B, H, L_local, L, D) with L_local ≤ L (this rank's block "
+                         f"of rows i), got {_shape(q)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{_NAME}: {name} must have q's shape {_shape(q)}, got {_shape(t)}")
+    if bias.shape != (B, H, L, L):
+        raise ValueError(f"{_NAME}: bias must have shape (B, H, L, L) = ({B}, {H}, {L}, {L}) (the whole bias, "
+                         f"on every rank), got {_shape(bias)}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{_NAME}: mask must be a bool tensor (True = key takes part), got {mask.dtype}")
+        if mask.shape != (B, R, L):
+            raise ValueError(f"{_NAME}: mask must have shape (B, L_local, L) = ({B}, {R}, {L}), got {_shape(mask)}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+            raise TypeError(f"{_NAME}: {name} has dtype {t.dtype}; expected one of {names}")
+    for name, t in (("k", k), ("v", v), ("bias", bias)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{_NAME}: {name} has dtype {t.dtype} but q has {q.dtype}; all of q, k, v, bias "
+                            "must share one dtype")
+    for name, t in (("k", k), ("v", v), ("bias", bias), ("mask", mask)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{_NAME}: {name} is on {t.device} but q is on {q.device}; all inputs must be on "
+                             "one device")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{_NAME}: head dim D = {D} is not supported; expected one of {SUPPORTED_HEAD_DIMS}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"{_NAME}: scale must be a real number or None, got {type(scale).__name__}")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{_NAME}: device {q.device} is not supported (CUDA runs the Triton kernels, "
+                         "CPU the interpreter or the PyTorch reference)")
+
+
+def _collective_device(group, q) -> torch.device:
+    """A device the group's backend can all-gather on: the GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        if isinstance(q, torch.Tensor) and q.device.type == "cuda":
+            return q.device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return torch.stack(parts).cpu()
+
+
+def _check_group(q, k, v, bias, scale, mask, group, sync_bias_grad) -> None:
+    """Check this rank's inputs and that all ranks agree, raising the same error on every rank.
+
+    One all-gather of a few numbers per call (and a second one, of the messages, only when a
+    rank's own inputs are invalid): a rank never raises while the others wait in a collective.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    try:
+        _check_local(q, k, v, bias, scale, mask)
+        if q.device.type == "cpu" and dist.get_backend(group) == "nccl":
+            raise ValueError(f"{_NAME}: the group's backend is NCCL but the inputs are on the CPU; use a gloo "
+                             "group for CPU tensors")
+        local_error = None
+    except (TypeError, ValueError) as err:
+        local_error = err
+    device = _collective_device(group, q)
+
+    if local_error is None:
+        B, H, R, L, D = q.shape
+        s = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        meta = [1, B, H, R, L, D, _DTYPE_CODES[q.dtype], mask is not None, sync_bias_grad, s]
+    else:
+        meta = [0] + [0] * 9
+    metas = _all_gather(torch.tensor(meta, dtype=torch.float64, device=device), group).tolist()
+
+    bad = [r for r, m in enumerate(metas) if m[0] == 0]
+    if bad:
+        message = str(local_error).encode()[:_MAX_MESSAGE_BYTES] if local_error is not None else b""
+        buf = torch.zeros(_MAX_MESSAGE_BYTES, dtype=torch.uint8)
+        buf[:len(message)] = torch.frombuffer(bytearray(message), dtype=torch.uint8) if message else buf[:0]
+        texts = [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace")
+                 for row in _all_gather(buf.to(device), group)]
+        first = bad[0]
+        raise ValueError(f"{_NAME}: invalid inputs on rank {first} of {world} (ranks with invalid inputs: "
+                         f"{bad}): {texts[first]}") from local_error
+
+    def differ(lo, hi):
+        return any(m[lo:hi] != metas[0][lo:hi] for m in metas)
+
+    def table(lo, hi, names):
+        return "; ".join(f"rank {r}: " + ", ".join(f"{n}={int(x)}" for n, x in zip(names, m[lo:hi]))
+                         for r, m in enumerate(metas))
+
+    problems = []
+    if differ(1, 3) or differ(4, 6):
+        problems.append("B, H, L and D must be the same on every rank (" +
+                        table(1, 6, ("B", "H", "L_local", "L", "D")) + ")")
+    elif sum(int(m[3]) for m in metas) != int(metas[0][4]):
+        problems.append(f"the ranks' blocks of rows must add up to L = {int(metas[0][4])}, got L_local = "
+                        f"{[int(m[3]) for m in metas]} (sum {sum(int(m[3]) for m in metas)})")
+    if differ(6, 7):
+        names = {c: str(dt).replace("torch.", "") for dt, c in _DTYPE_CODES.items()}
+        problems.append("the dtype must be the same on every rank (" +
+                        ", ".join(f"rank {r}: {names[int(m[6])]}" for r, m in enumerate(metas)) + ")")
+    if differ(7, 8):
+        problems.append("mask must be given on every rank or on none (given on ranks "
+                        f"{[r for r, m in enumerate(metas) if m[7]]})")
+    if differ(8, 9):
+        problems.append("bias must require grad (with grad mode on) on every rank or on none: the backward "
+                        f"all-reduces its gradient (it does on ranks {[r for r, m in enumerate(metas) if m[8]]})")
+    if differ(9, 10):
+        problems.append("scale must be the same on every rank (" +
+                        ", ".join(f"rank {r}: {m[9]!r}" for r, m in enumerate(metas)) + ")")
+    if problems:
+        raise ValueError(f"{_NAME}: the {world} ranks' inputs do not fit together (this is rank {rank}): " +
+                         "; ".join(problems))
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: Optional[float] = None,
+    mask: Optional[torch.Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    check: bool = True,
+) -> torch.Tensor:
+    """Triangle attention with the rows i split over the ranks of ``group``.
+
+    Rank r holds a contiguous block of rows i (rank 0 the first rows, then rank 1's, and so
+    on; :func:`row_block` gives an even split) and computes, for its rows::
+
+        o[b,h,i,j] = Σ_k softmax_k(scale · q[b,h,i,j]·k[b,h,i,k] + bias[b,h,j,k]) · v[b,h,i,k]
+
+    which equals the same rows of :func:`flash_tt_attn.attention` on the whole tensors.
+
+    Args:
+        q, k, v: (B, H, L_local, L, D), this rank's rows i; L_local may differ between ranks
+            (by any amount, also 0) as long as the blocks add up to L.
+        bias: (B, H, L, L), the whole bias, the same on every rank (replicated; not checked).
+        scale: multiplies q·k; defaults to 1/sqrt(D); the same on every rank.
+        mask: optional bool (B, L_local, L), this rank's rows; True = this key takes part.
+        group: the process group the rows are split over (default: the default group).
+        check: all-gather every rank's shapes, dtype, mask, scale and whether the bias needs
+            a gradient, and raise the same ``ValueError`` on every rank when they do not fit
+            together (or when one rank's inputs are invalid) instead of hanging in the
+            backward's all-reduce. One small collective per call, which on GPUs also waits
+            for the host; pass ``check=False`` in a training loop whose shapes were checked.
+
+    Returns:
+        (B, H, L_local, L, D) tensor with q's dtype: this rank's rows of the output.
+
+    Communication: the forward none (besides ``check``); the backward one all-reduce (sum)
+    of the bias gradient, B·H·L² values, in fp32 (fp64 for float64), when the bias requires
+    grad. Gradients of q, k and v stay local to their rows.
+
+    The bias gradient on every rank is the **global** sum over all rows of all ranks, so
+    ``bias.grad`` is already the full gradient, the same on every rank: do not all-reduce or
+    average it (or gradients computed only from it, such as those of a replicated bias
+    projection) again over ``group``, e.g. with DistributedDataParallel over the same ranks.
+    Gradients reaching parameters through q, k, v are partial (this rank's rows) and do need
+    a sum over ``group``. Every rank must run the backward through its output (the
+    all-reduce is a collective).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{_NAME}: torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group() first, or use flash_tt_attn.attention() "
+                           "in one process")
+    sync_bias_grad = isinstance(bias, torch.Tensor) and bias.requires_grad and torch.is_grad_enabled()
+    if check:
+        _check_group(q, k, v, bias, scale, mask, group, sync_bias_grad)
+    else:
+        _check_local(q, k, v, bias, scale, mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if sync_bias_grad:
+        bias = _SumGradOverGroup.apply(bias, group)
+    return _local_attention(q, k, v, bias, mask, scale)
