@@ -133,8 +133,8 @@ def test_killed_run_resumes_with_every_point_exactly_once(tmp_path):
     # flash_tt_attn runs its PyTorch path (no interpreter) so each point is quick but still ~rep_ms long.
     specs, logs = make_spec(tmp_path, providers=("flash_tt_attn", "naive"), L=(4, 5, 6, 7), rep_ms=120)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "flash_tt_attn.bench", "--specs", str(specs), "--logs", str(logs),
-           "run", "tiny", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "flash_tt_attn.bench", "run", "tiny", "--specs", str(specs), "--logs", str(logs),
+           "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     path = log_of(logs)
     deadline = time.monotonic() + 120
