@@ -29,12 +29,13 @@ from .kernels.forward import attention_fwd_kernel
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile sizes and launch parameters of one kernel."""
+    """Tile sizes and launch parameters of one kernel (rows: rows i per forward program)."""
 
     block_j: int
     block_k: int
     num_warps: int
     num_stages: int
+    rows: int = 1
 
 
 def interpreter_enabled() -> bool:
@@ -44,7 +45,7 @@ def interpreter_enabled() -> bool:
 
 def _interpreter_config(L: int) -> LaunchConfig:
     block = 16 if L <= 16 else 32
-    return LaunchConfig(block, block, 1, 1)
+    return LaunchConfig(block, block, 1, 1, rows=2)
 
 
 def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
@@ -54,17 +55,26 @@ def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.devi
     if dtype in (torch.float32, torch.float64) or head_dim >= 128:
         return LaunchConfig(64, 32, 4, 2)
     if head_dim == 64:
-        return LaunchConfig(128, 64, 8, 2)
-    return LaunchConfig(128, 64, 4, 2)
+        return LaunchConfig(64, 64, 4, 3)
+    return LaunchConfig(64, 64, 4, 3, rows=2)
 
 
 def backward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """Tiles for the three backward kernels."""
+    """Tiles for the dq and dk/dv backward kernels."""
     if device.type != "cuda":
         return _interpreter_config(L)
     if dtype in (torch.float32, torch.float64) or head_dim >= 128:
         return LaunchConfig(32, 32, 4, 1)
-    return LaunchConfig(64, 64, 4, 2)
+    return LaunchConfig(64, 64, 4, 3)
+
+
+def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    """Tiles for the bias-gradient kernel (it reads q, dO, k, v per row: larger tiles pay)."""
+    if device.type != "cuda":
+        return _interpreter_config(L)
+    if dtype in (torch.float32, torch.float64) or head_dim >= 128:
+        return LaunchConfig(32, 32, 4, 1)
+    return LaunchConfig(64, 64, 4, 3)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -120,13 +130,13 @@ def attention_fwd(
     lse = torch.empty((B, H, R, L), dtype=_lse_dtype(q.dtype), device=q.device)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     cfg = forward_config(L, D, q.dtype, q.device)
-    grid = (triton.cdiv(L, cfg.block_j), R, B * H)
+    grid = (triton.cdiv(L, cfg.block_j), triton.cdiv(R, cfg.rows), B * H)
     wrap_triton(attention_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
-        H, L, scale,
-        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
+        H, R, L, scale,
+        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), ROWS=cfg.rows, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -164,6 +174,9 @@ def attention_bwd(
         *bias.stride(), *mask_strides, *lse.stride(),
         H, L, scale, **common,
     )
+    cfg = dbias_config(L, D, q.dtype, q.device)
+    common.update(EVEN_L=_even(L, cfg), BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     splits = dbias_splits(B, H, R, L, D, cfg)
     rows_per_split = triton.cdiv(R, splits)
     splits = triton.cdiv(R, rows_per_split)

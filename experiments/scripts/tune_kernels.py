@@ -102,7 +102,7 @@ def main():
     dev = torch.cuda.get_device_name()
     log(kind="env", gpu=dev, torch=torch.__version__, triton=triton.__version__)
     # 1. correctness of the default configs
-    shapes = [(2, 3, 17, 32), (1, 2, 100, 64), (1, 1, 129, 128), (1, 2, 256, 32), (1, 1, 64, 16)]
+    shapes = [(2, 3, 17, 32), (1, 2, 100, 64), (1, 1, 129, 128), (1, 2, 256, 32), (1, 1, 63, 16)]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for (B, H, L, D) in shapes:
             for masked in (False, True):
@@ -128,29 +128,33 @@ def main():
     # 3. timings: default config vs variants vs flex
     targets = [(4, 8, 256, 32, torch.float16), (4, 8, 512, 32, torch.float16), (1, 4, 1024, 32, torch.bfloat16)]
     if not QUICK:
-        targets += [(4, 8, 768, 32, torch.float16), (1, 4, 2048, 32, torch.bfloat16)]
-    fwd_variants = [None, (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
-                    (128, 128, 8, 3), (64, 64, 2, 3)]
-    bwd_variants = [None, (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 2), (32, 32, 2, 2)]
-    orig_f, orig_b = ops.forward_config, ops.backward_config
+        targets += [(4, 8, 768, 32, torch.float16)]
+    fwd_variants = [None, (64, 64, 4, 3, 1), (64, 64, 8, 3, 2), (128, 64, 8, 3, 2), (128, 32, 8, 3, 2),
+                    (64, 128, 8, 3, 2), (64, 32, 4, 3, 2), (128, 64, 4, 3, 2)]
+    # backward variants: (dq/dkdv config, dbias config)
+    bwd_variants = [None, (None, (128, 128, 8, 3)), (None, (128, 64, 8, 3)), (None, (64, 128, 8, 3)),
+                    (None, (128, 128, 8, 2)), ((128, 64, 8, 3), None), ((64, 128, 8, 3), None), ((64, 32, 4, 3), None)]
+    orig_f, orig_b, orig_d = ops.forward_config, ops.backward_config, ops.dbias_config
     for (B, H, L, D, dtype) in targets:
         q, k, v, bias = make(B, H, L, D, dtype)
         shape = dict(B=B, H=H, L=L, D=D, dtype=str(dtype))
         for mode, variants in (("fwd", fwd_variants), ("fwd_bwd", bwd_variants)):
             for var in variants:
-                if var is not None:
+                if var is not None and mode == "fwd":
                     cfg = ops.LaunchConfig(*var)
-                    if mode == "fwd":
-                        ops.forward_config = lambda *a, cfg=cfg: cfg
-                    else:
-                        ops.backward_config = lambda *a, cfg=cfg: cfg
+                    ops.forward_config = lambda *a, cfg=cfg: cfg
+                elif var is not None:
+                    if var[0] is not None:
+                        ops.backward_config = lambda *a, cfg=ops.LaunchConfig(*var[0]): cfg
+                    if var[1] is not None:
+                        ops.dbias_config = lambda *a, cfg=ops.LaunchConfig(*var[1]): cfg
                 try:
                     ms, p20, p80, peak = bench(lambda: attention(q, k, v, bias), (q, k, v, bias), mode)
                     log(kind="time", provider="flash_tt_attn", mode=mode, cfg=var, ms=ms, p20=p20, p80=p80,
                         peak_mb=peak, **shape)
                 except Exception as e:  # noqa: BLE001
                     log(kind="time", provider="flash_tt_attn", mode=mode, cfg=var, error=repr(e)[:300], **shape)
-                ops.forward_config, ops.backward_config = orig_f, orig_b
+                ops.forward_config, ops.backward_config, ops.dbias_config = orig_f, orig_b, orig_d
             try:
                 fn, ins = flex_setup(q, k, v, bias)
                 ms, p20, p80, peak = bench(fn, ins, mode)

@@ -1,17 +1,71 @@
-"""Forward kernel: one program per (row i, block of queries j, batch·head).
+"""Forward kernel: one program per (block of queries j, pair of rows i, batch·head).
 
 For each row i the problem is ordinary attention of L queries over L keys, plus a
-bias tile bias[b, h, j-block, k-block] that is the same for every i. Programs are
-numbered with the query block fastest: the blocks of one row run together and read
-k_i and v_i from DRAM once; the bias of one (b, h) (L² values) stays in L2 while all
-rows of that (b, h) are in flight. log2(e) is folded into the
-softmax's exponent (one FMA per score) so it needs only exp2; q is scaled once per
-program and the bias tile is the accumulator of the q·kᵀ product, so a score costs no
-extra arithmetic before its max and exponential.
+bias tile bias[b, h, j-block, k-block] that is the same for every i. At D = 32 the
+kernel is bound by on-chip traffic, not DRAM: per score it reads 2 bytes of bias but
+only 4·D/BLOCK_J bytes of k and v. So each program handles ROWS rows i (1 or 2) and
+loads each bias tile once for all of them, halving the bias traffic at ROWS = 2.
+
+Programs are numbered with the query block fastest: the blocks of one row run
+together and read k_i and v_i from DRAM once; the bias of one (b, h) stays in L2 while
+its rows are in flight. q is scaled once per program and the bias tile is the
+accumulator of the q·kᵀ product; log2(e) is folded into the softmax's exponent (one
+FMA per score), so the softmax needs only exp2.
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _online_softmax_step(q, kt_ptrs, v_ptrs, bias, mask_ptrs, m_i, l_i, acc, k_in, row_ok,
+                         ROW_MAY_BE_OUT: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_L: tl.constexpr,
+                         ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of one row: scores, running max and sum, and the output accumulator.
+
+    row_ok is a [BLOCK_K] block, all True or all False (is this row inside the tensor?);
+    it is read only when ROW_MAY_BE_OUT.
+    """
+    if ROW_MAY_BE_OUT:
+        k_in = k_in & row_ok
+    if EVEN_L and not ROW_MAY_BE_OUT:
+        kt = tl.load(kt_ptrs)
+    else:
+        kt = tl.load(kt_ptrs, mask=k_in[None, :], other=0.0)
+    # Natural-log scores: scale·q·k + bias, the bias entering as the product's accumulator.
+    s = tl.dot(q, kt, acc=bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    if HAS_MASK:
+        keep = tl.load(mask_ptrs, mask=k_in, other=0) != 0
+        s = tl.where(keep[None, :], s, float("-inf"))
+    elif not EVEN_L:
+        s = tl.where(k_in[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with no admitted key so far keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new) * 1.4426950408889634
+    p = tl.exp2(s * 1.4426950408889634 - m_shift[:, None])
+    alpha = tl.exp2(m_i * 1.4426950408889634 - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if EVEN_L and not ROW_MAY_BE_OUT:
+        v_tile = tl.load(v_ptrs)
+    else:
+        v_tile = tl.load(v_ptrs, mask=k_in[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION,
+                                        out_dtype=ACC_DTYPE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _finish_row(m_i, l_i, acc, o_ptrs, lse_ptrs, store_mask, lse_mask, OUT_DTYPE: tl.constexpr):
+    has_keys = l_i > 0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    m_final = tl.where(m_i == float("-inf"), 0.0, m_i) * 1.4426950408889634
+    # Base-2 log-sum-exp of the natural-log scores times log2(e). Fully excluded rows
+    # store +inf, so the backward's exp2(s·log2(e) - lse) is 0 there.
+    lse = tl.where(has_keys, m_final + tl.log2(l_safe), float("inf"))
+    tl.store(o_ptrs, out.to(OUT_DTYPE), mask=store_mask)
+    tl.store(lse_ptrs, lse, mask=lse_mask)
+
 
 @triton.jit
 def attention_fwd_kernel(
@@ -23,88 +77,78 @@ def attention_fwd_kernel(
     stride_bb, stride_bh, stride_bj, stride_bk,
     stride_mb, stride_mi, stride_mk,
     stride_lb, stride_lh, stride_li, stride_lj,
-    H, L, scale,
+    H, R, L, scale,
     HAS_MASK: tl.constexpr,
     EVEN_L: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # Query blocks of one row are neighbours in launch order, so they share k_i, v_i in L2.
     j_block = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    row0 = tl.program_id(1).to(tl.int64) * ROWS
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    row1 = row0 + 1
 
     offs_j = j_block * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, HEAD_DIM)
     j_in = offs_j < L
+    offs_j64 = offs_j[:, None].to(tl.int64)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + row * stride_qi \
-        + offs_j[:, None].to(tl.int64) * stride_qj + offs_d[None, :] * stride_qd
+    q_rel = offs_j64 * stride_qj + offs_d[None, :] * stride_qd
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    mask_base = MASK + b * stride_mb
+    bias_base = BIAS + b * stride_bb + h * stride_bh + offs_j64 * stride_bj
+
     if EVEN_L:
-        q = tl.load(q_ptrs)
+        q0 = tl.load(q_base + row0 * stride_qi + q_rel)
     else:
-        q = tl.load(q_ptrs, mask=j_in[:, None], other=0.0)
-    # Scale q once, so each score is one matrix product accumulated onto the bias tile.
-    q = (q * scale).to(q.dtype)
-
-    k_base = K + b * stride_kb + h * stride_kh + row * stride_ki
-    v_base = V + b * stride_vb + h * stride_vh + row * stride_vi
-    bias_base = BIAS + b * stride_bb + h * stride_bh + offs_j[:, None].to(tl.int64) * stride_bj
-    mask_base = MASK + b * stride_mb + row * stride_mi
-
-    m_i = tl.full([BLOCK_J], float("-inf"), dtype=ACC_DTYPE)
-    l_i = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
-    acc = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
+        q0 = tl.load(q_base + row0 * stride_qi + q_rel, mask=j_in[:, None], other=0.0)
+    q0 = (q0 * scale).to(q0.dtype)
+    m0 = tl.full([BLOCK_J], float("-inf"), dtype=ACC_DTYPE)
+    l0 = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
+    acc0 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
+    if ROWS == 2:
+        # The second row may lie past the end when R is odd: masks, as blocks over j and k.
+        row1_ok_j = (offs_j * 0 + row1) < R
+        row1_ok_k = (tl.arange(0, BLOCK_K) * 0 + row1) < R
+        q1 = tl.load(q_base + row1 * stride_qi + q_rel, mask=j_in[:, None] & row1_ok_j[:, None], other=0.0)
+        q1 = (q1 * scale).to(q1.dtype)
+        m1 = tl.full([BLOCK_J], float("-inf"), dtype=ACC_DTYPE)
+        l1 = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
+        acc1 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
 
     for k_start in range(0, L, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_in = offs_k < L
-        kt_ptrs = k_base + offs_k[None, :].to(tl.int64) * stride_kk + offs_d[:, None] * stride_kd
-        v_ptrs = v_base + offs_k[:, None].to(tl.int64) * stride_vk + offs_d[None, :] * stride_vd
+        kt_rel = offs_k[None, :].to(tl.int64) * stride_kk + offs_d[:, None] * stride_kd
+        v_rel = offs_k[:, None].to(tl.int64) * stride_vk + offs_d[None, :] * stride_vd
         bias_ptrs = bias_base + offs_k[None, :] * stride_bk
         if EVEN_L:
-            kt = tl.load(kt_ptrs)
-            bias = tl.load(bias_ptrs)
+            bias = tl.load(bias_ptrs).to(ACC_DTYPE)
         else:
-            kt = tl.load(kt_ptrs, mask=k_in[None, :], other=0.0)
-            bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0)
-        # Natural-log scores: scale·q·k + bias, the bias entering as the product's accumulator.
-        s = tl.dot(q, kt, acc=bias.to(ACC_DTYPE), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        if HAS_MASK:
-            keep = tl.load(mask_base + offs_k * stride_mk, mask=k_in, other=0) != 0
-            s = tl.where(keep[None, :], s, float("-inf"))
-        elif not EVEN_L:
-            s = tl.where(k_in[None, :], s, float("-inf"))
+            bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0).to(ACC_DTYPE)
+        m0, l0, acc0 = _online_softmax_step(
+            q0, k_base + row0 * stride_ki + kt_rel, v_base + row0 * stride_vi + v_rel, bias,
+            mask_base + row0 * stride_mi + offs_k * stride_mk, m0, l0, acc0, k_in, k_in,
+            False, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION)
+        if ROWS == 2:
+            m1, l1, acc1 = _online_softmax_step(
+                q1, k_base + row1 * stride_ki + kt_rel, v_base + row1 * stride_vi + v_rel, bias,
+                mask_base + row1 * stride_mi + offs_k * stride_mk, m1, l1, acc1, k_in, row1_ok_k,
+                True, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION)
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no admitted key so far keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new) * 1.4426950408889634
-        p = tl.exp2(s * 1.4426950408889634 - m_shift[:, None])
-        alpha = tl.exp2(m_i * 1.4426950408889634 - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if EVEN_L:
-            v_tile = tl.load(v_ptrs)
-        else:
-            v_tile = tl.load(v_ptrs, mask=k_in[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION,
-                                            out_dtype=ACC_DTYPE)
-        m_i = m_new
-
-    has_keys = l_i > 0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    m_final = tl.where(m_i == float("-inf"), 0.0, m_i) * 1.4426950408889634
-    # Base-2 log-sum-exp of the natural-log scores times log2(e). Fully excluded rows
-    # store +inf, so the backward's exp2(s·log2(e) - lse) is 0 there.
-    lse = tl.where(has_keys, m_final + tl.log2(l_safe), float("inf"))
-
-    o_ptrs = OUT + b * stride_ob + h * stride_oh + row * stride_oi \
-        + offs_j[:, None].to(tl.int64) * stride_oj + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=j_in[:, None])
-    lse_ptrs = LSE + b * stride_lb + h * stride_lh + row * stride_li + offs_j.to(tl.int64) * stride_lj
-    tl.store(lse_ptrs, lse, mask=j_in)
+    o_rel = offs_j64 * stride_oj + offs_d[None, :] * stride_od
+    o_base = OUT + b * stride_ob + h * stride_oh
+    lse_base = LSE + b * stride_lb + h * stride_lh + offs_j.to(tl.int64) * stride_lj
+    _finish_row(m0, l0, acc0, o_base + row0 * stride_oi + o_rel, lse_base + row0 * stride_li,
+                j_in[:, None], j_in, OUT.dtype.element_ty)
+    if ROWS == 2:
+        _finish_row(m1, l1, acc1, o_base + row1 * stride_oi + o_rel, lse_base + row1 * stride_li,
+                    j_in[:, None] & row1_ok_j[:, None], j_in & row1_ok_j, OUT.dtype.element_ty)
