@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from . import reference
+from .errors import out_of_memory
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -104,6 +105,9 @@ def attention(
     dtypes: float16, bfloat16, float32 (full fp32 products, no TF32) and float64.
     Gradients flow to q, k, v and bias and are bitwise reproducible.
 
+    Running out of GPU memory raises torch.OutOfMemoryError naming these shapes; the
+    process can catch it and go on.
+
     Paths: CUDA tensors run the Triton kernels. CPU tensors run the same kernels under
     Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported;
     otherwise they run :func:`flash_tt_attn.reference.attention_chunked`, pure PyTorch
@@ -121,9 +125,12 @@ def attention(
     """
     _check_inputs(q, k, v, bias, scale, mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if _uses_triton(q.device):
-        from .ops import attention_fwd  # noqa: PLC0415
+    try:
+        if _uses_triton(q.device):
+            from .ops import attention_fwd  # noqa: PLC0415
 
-        out, _ = attention_fwd(q, k, v, bias, mask, scale)
-        return out
-    return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)
+            out, _ = attention_fwd(q, k, v, bias, mask, scale)
+            return out
+        return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)
+    except torch.OutOfMemoryError as error:
+        raise out_of_memory(error, "forward", q) from error

@@ -20,12 +20,14 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .errors import out_of_memory
 from .kernels.backward import (
     attention_bwd_dbias_kernel,
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
 )
 from .kernels.forward import attention_fwd_kernel
+
 
 @dataclass(frozen=True)
 class LaunchConfig:
@@ -80,6 +82,14 @@ def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 must not silently use TF32: gradient checks need full precision.
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+# ex2.approx.ftz on the GPU for 16-bit inputs (see kernels/common.py); a switch for benchmarks.
+FAST_EXP2 = True
+
+
+def _fast_exp2(dtype: torch.dtype, device: torch.device) -> bool:
+    return FAST_EXP2 and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -138,7 +148,7 @@ def attention_fwd(
         H, R, L, scale,
         HAS_MASK=has_mask, EVEN_L=_even(L, cfg), ROWS=cfg.rows, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FAST_EXP2=_fast_exp2(q.dtype, q.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
@@ -159,7 +169,7 @@ def attention_bwd(
     common = dict(
         HAS_MASK=has_mask, EVEN_L=_even(L, cfg), BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FAST_EXP2=_fast_exp2(q.dtype, q.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
     wrap_triton(attention_bwd_dq_kernel)[(triton.cdiv(L, cfg.block_j), R, B * H)](
@@ -202,7 +212,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, bias, mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, dbias = attention_bwd(dout, q, k, v, bias, mask, out, lse, ctx.scale)
+    try:
+        dq, dk, dv, dbias = attention_bwd(dout, q, k, v, bias, mask, out, lse, ctx.scale)
+    except torch.OutOfMemoryError as error:
+        raise out_of_memory(error, "backward", q) from error
     return dq, dk, dv, dbias, None, None
 
 

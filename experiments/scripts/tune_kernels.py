@@ -6,7 +6,6 @@ Usage: python experiments/scripts/tune_kernels.py OUT_DIR [--quick]
 """
 
 import json
-import math
 import sys
 import time
 
@@ -26,6 +25,12 @@ def log(**row):
     print(json.dumps(row), flush=True)
     with open(f"{OUT}/tune.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def fixed(values):
+    """A config chooser that always returns LaunchConfig(*values)."""
+    cfg = ops.LaunchConfig(*values)
+    return lambda *args: cfg
 
 
 def make(B, H, L, D, dtype, grad=True, seed=0):
@@ -55,7 +60,7 @@ def check(B, H, L, D, dtype, masked):
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
     ro = attention_chunked(*ref_in, scale=None, mask=mask, chunk_rows=8)
     rgrads = torch.autograd.grad(ro, ref_in, do.double())
-    errs = [rel(o, ro)] + [rel(a, b) for a, b in zip(grads, rgrads)]
+    errs = [rel(o, ro)] + [rel(a, b) for a, b in zip(grads, rgrads, strict=True)]
     nan = bool(torch.isnan(o).any() or any(torch.isnan(x).any() for x in grads))
     return errs, nan
 
@@ -64,7 +69,9 @@ def flex_setup(q, k, v, bias):
     from torch.nn.attention.flex_attention import flex_attention
 
     B, H, L, _, D = q.shape
-    fold = lambda t: t.detach().permute(0, 2, 1, 3, 4).reshape(B * L, H, L, D).contiguous().requires_grad_()
+    def fold(t):
+        return t.detach().permute(0, 2, 1, 3, 4).reshape(B * L, H, L, D).contiguous().requires_grad_()
+
     qf, kf, vf = fold(q), fold(k), fold(v)
     bf = bias.detach().clone().requires_grad_()
 
@@ -122,39 +129,64 @@ def main():
         if first is None:
             first = [x.clone() for x in cur]
         else:
-            same &= all(torch.equal(a, b) for a, b in zip(first, cur))
+            same &= all(torch.equal(a, b) for a, b in zip(first, cur, strict=True))
     log(kind="determinism", repeats=20, bitwise_equal=bool(same))
+
+    # 2b. the D=64 backward: which launch configs give right gradients
+    orig_b = ops.backward_config
+    for var in [None, (64, 64, 4, 2), (64, 64, 4, 1), (32, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)]:
+        if var is not None:
+            ops.backward_config = fixed(var)
+        for masked in (False, True):
+            errs, nan = check(1, 2, 100, 64, torch.float16, masked)
+            log(kind="check", dtype="torch.float16", B=1, H=2, L=100, D=64, masked=masked, errs=errs, nan=nan,
+                cfg=var)
+        ops.backward_config = orig_b
+    # 2c. where the backward's time goes (kernel times from the profiler)
+    q, k, v, bias = make(4, 8, 512, 32, torch.float16)
+    do = torch.randn_like(q)
+    for _ in range(2):
+        torch.autograd.grad(attention(q, k, v, bias), (q, k, v, bias), do)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            torch.autograd.grad(attention(q, k, v, bias), (q, k, v, bias), do)
+        torch.cuda.synchronize()
+    for evt in prof.key_averages():
+        if evt.device_time_total > 0:
+            log(kind="profile", name=evt.key[:60], ms_per_call=evt.device_time_total / 5 / 1000, calls=evt.count)
+    del q, k, v, bias, do
 
     # 3. timings: default config vs variants vs flex
     targets = [(4, 8, 256, 32, torch.float16), (4, 8, 512, 32, torch.float16), (1, 4, 1024, 32, torch.bfloat16)]
     if not QUICK:
         targets += [(4, 8, 768, 32, torch.float16)]
-    fwd_variants = [None, (64, 64, 4, 3, 1), (64, 64, 8, 3, 2), (128, 64, 8, 3, 2), (128, 32, 8, 3, 2),
-                    (64, 128, 8, 3, 2), (64, 32, 4, 3, 2), (128, 64, 4, 3, 2)]
-    # backward variants: (dq/dkdv config, dbias config)
-    bwd_variants = [None, (None, (128, 128, 8, 3)), (None, (128, 64, 8, 3)), (None, (64, 128, 8, 3)),
-                    (None, (128, 128, 8, 2)), ((128, 64, 8, 3), None), ((64, 128, 8, 3), None), ((64, 32, 4, 3), None)]
+    # (forward config or None, fast exp2)
+    fwd_variants = [(None, True), (None, False), ((64, 32, 4, 3, 2), True), ((128, 64, 4, 3, 2), True)]
+    # (dq/dkdv config, dbias config, fast exp2)
+    bwd_variants = [(None, None, True), (None, None, False), (None, (128, 64, 8, 3), True),
+                    ((64, 64, 4, 2), None, True), ((32, 64, 4, 3), None, True)]
     orig_f, orig_b, orig_d = ops.forward_config, ops.backward_config, ops.dbias_config
     for (B, H, L, D, dtype) in targets:
         q, k, v, bias = make(B, H, L, D, dtype)
         shape = dict(B=B, H=H, L=L, D=D, dtype=str(dtype))
         for mode, variants in (("fwd", fwd_variants), ("fwd_bwd", bwd_variants)):
             for var in variants:
-                if var is not None and mode == "fwd":
-                    cfg = ops.LaunchConfig(*var)
-                    ops.forward_config = lambda *a, cfg=cfg: cfg
-                elif var is not None:
-                    if var[0] is not None:
-                        ops.backward_config = lambda *a, cfg=ops.LaunchConfig(*var[0]): cfg
-                    if var[1] is not None:
-                        ops.dbias_config = lambda *a, cfg=ops.LaunchConfig(*var[1]): cfg
+                ops.FAST_EXP2 = var[-1]
+                if mode == "fwd" and var[0] is not None:
+                    ops.forward_config = fixed(var[0])
+                if mode == "fwd_bwd" and var[0] is not None:
+                    ops.backward_config = fixed(var[0])
+                if mode == "fwd_bwd" and var[1] is not None:
+                    ops.dbias_config = fixed(var[1])
                 try:
-                    ms, p20, p80, peak = bench(lambda: attention(q, k, v, bias), (q, k, v, bias), mode)
+                    ms, p20, p80, peak = bench(lambda q=q, k=k, v=v, bias=bias: attention(q, k, v, bias),
+                                               (q, k, v, bias), mode)
                     log(kind="time", provider="flash_tt_attn", mode=mode, cfg=var, ms=ms, p20=p20, p80=p80,
                         peak_mb=peak, **shape)
                 except Exception as e:  # noqa: BLE001
                     log(kind="time", provider="flash_tt_attn", mode=mode, cfg=var, error=repr(e)[:300], **shape)
                 ops.forward_config, ops.backward_config, ops.dbias_config = orig_f, orig_b, orig_d
+                ops.FAST_EXP2 = True
             try:
                 fn, ins = flex_setup(q, k, v, bias)
                 ms, p20, p80, peak = bench(fn, ins, mode)
@@ -167,11 +199,13 @@ def main():
     print("\nSUMMARY")
     for r in rows:
         if r["kind"] == "check":
-            flag = "NAN" if r["nan"] else ("BAD" if max(r["errs"]) > (2e-2 if "bfloat" in r["dtype"] else 5e-3) else "ok")
-            print(flag, r["dtype"], r["L"], r["D"], r["masked"], ["%.1e" % e for e in r["errs"]])
+            bound = 2e-2 if "bfloat" in r["dtype"] else 5e-3
+            flag = "NAN" if r["nan"] else ("BAD" if max(r["errs"]) > bound else "ok")
+            print(flag, r["dtype"], r["L"], r["D"], r["masked"], r.get("cfg"), [f"{e:.1e}" for e in r["errs"]])
         elif r["kind"] == "time":
-            print(r["provider"], r["mode"], r["B"], r["H"], r["L"], r["dtype"][6:], r.get("cfg"),
-                  "%.3f" % r["ms"] if "ms" in r else r.get("error"), "%.0f" % r.get("peak_mb", -1))
+            ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error")
+            print(r["provider"], r["mode"], r["B"], r["H"], r["L"], r["dtype"][6:], r.get("cfg"), ms,
+                  f"{r.get('peak_mb', -1):.0f}")
         else:
             print(r)
 

@@ -19,6 +19,8 @@ drops every bounds mask.
 import triton
 import triton.language as tl
 
+from .common import exp2
+
 
 @triton.jit
 def attention_bwd_dq_kernel(
@@ -40,6 +42,7 @@ def attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FAST_EXP2: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -93,7 +96,7 @@ def attention_bwd_dq_kernel(
             bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k_tile), acc=bias.to(ACC_DTYPE), input_precision=DOT_PRECISION,
                    out_dtype=ACC_DTYPE)
-        p = tl.exp2(s * 1.4426950408889634 - lse[:, None])
+        p = exp2(s * 1.4426950408889634 - lse[:, None], FAST_EXP2)
         if HAS_MASK:
             keep = tl.load(mask_base + offs_k * stride_mk, mask=k_in, other=0) != 0
             p = tl.where(keep[None, :], p, 0.0)
@@ -128,6 +131,7 @@ def attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FAST_EXP2: tl.constexpr,
 ):
     k_block = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -182,15 +186,15 @@ def attention_bwd_dkdv_kernel(
         # Transposed scores: rows are keys k, columns are queries j.
         st = tl.dot(k_tile, tl.trans(q_scaled), acc=bias_t.to(ACC_DTYPE), input_precision=DOT_PRECISION,
                     out_dtype=ACC_DTYPE)
-        pt = tl.exp2(st * 1.4426950408889634 - lse[None, :])
+        pt = exp2(st * 1.4426950408889634 - lse[None, :], FAST_EXP2)
         if HAS_MASK or not EVEN_L:
             pt = tl.where(keep[:, None], pt, 0.0)
         dv += tl.dot(pt.to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dpt = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q_tile.dtype), q_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        # dk = scale · Σ_j ds[j, k] q[j]: the scaled q carries the scale.
+        dk += tl.dot(dst.to(q_scaled.dtype), q_scaled, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
-    dk = dk * scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + row * stride_dki + offs_k64 * stride_dkk
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=k_in[:, None])
     tl.store(DV + b * stride_dvb + h * stride_dvh + row * stride_dvi + offs_k64 * stride_dvk
@@ -216,6 +220,7 @@ def attention_bwd_dbias_kernel(
     HEAD_DIM: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FAST_EXP2: tl.constexpr,
 ):
     jk_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -270,7 +275,7 @@ def attention_bwd_dbias_kernel(
             delta = tl.load(DELTA + lse_offs, mask=j_in, other=0.0)
         q_scaled = (q_tile * scale).to(q_tile.dtype)
         s = tl.dot(q_scaled, kt, acc=bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        p = tl.exp2(s * 1.4426950408889634 - lse[:, None])
+        p = exp2(s * 1.4426950408889634 - lse[:, None], FAST_EXP2)
         if HAS_MASK:
             keep = tl.load(MASK + b * stride_mb + row * stride_mi + offs_k * stride_mk, mask=k_in, other=0) != 0
             p = tl.where(keep[None, :], p, 0.0)

@@ -16,11 +16,13 @@ FMA per score), so the softmax needs only exp2.
 import triton
 import triton.language as tl
 
+from .common import exp2
+
 
 @triton.jit
 def _online_softmax_step(q, kt_ptrs, v_ptrs, bias, mask_ptrs, m_i, l_i, acc, k_in, row_ok,
                          ROW_MAY_BE_OUT: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_L: tl.constexpr,
-                         ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr):
     """One key block of one row: scores, running max and sum, and the output accumulator.
 
     row_ok is a [BLOCK_K] block, all True or all False (is this row inside the tensor?);
@@ -42,8 +44,8 @@ def _online_softmax_step(q, kt_ptrs, v_ptrs, bias, mask_ptrs, m_i, l_i, acc, k_i
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with no admitted key so far keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new) * 1.4426950408889634
-    p = tl.exp2(s * 1.4426950408889634 - m_shift[:, None])
-    alpha = tl.exp2(m_i * 1.4426950408889634 - m_shift)
+    p = exp2(s * 1.4426950408889634 - m_shift[:, None], FAST_EXP2)
+    alpha = exp2(m_i * 1.4426950408889634 - m_shift, FAST_EXP2)
     l_i = l_i * alpha + tl.sum(p, 1)
     if EVEN_L and not ROW_MAY_BE_OUT:
         v_tile = tl.load(v_ptrs)
@@ -86,6 +88,7 @@ def attention_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FAST_EXP2: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -137,12 +140,12 @@ def attention_fwd_kernel(
         m0, l0, acc0 = _online_softmax_step(
             q0, k_base + row0 * stride_ki + kt_rel, v_base + row0 * stride_vi + v_rel, bias,
             mask_base + row0 * stride_mi + offs_k * stride_mk, m0, l0, acc0, k_in, k_in,
-            False, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION)
+            False, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS == 2:
             m1, l1, acc1 = _online_softmax_step(
                 q1, k_base + row1 * stride_ki + kt_rel, v_base + row1 * stride_vi + v_rel, bias,
                 mask_base + row1 * stride_mi + offs_k * stride_mk, m1, l1, acc1, k_in, row1_ok_k,
-                True, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION)
+                True, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
 
     o_rel = offs_j64 * stride_oj + offs_d[None, :] * stride_od
     o_base = OUT + b * stride_ob + h * stride_oh
