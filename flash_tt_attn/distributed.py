@@ -69,12 +69,9 @@ def _local_attention(q, k, v, bias, mask, scale):
     if q.shape[2] > 0 and _uses_triton(q.device):
         from .ops import attention_fwd  # noqa: PLC0415 (keeps the CPU-only import light)
 
-        # contiguous(): ops.attention_bwd writes dq, dk, dv (allocated contiguous) with q's, k's and v's
-        # strides, so a strided view (a block of rows sliced from a bigger tensor) would be written out
-        # of bounds. A no-op for contiguous inputs; drop it once the ops pass the gradients' own strides.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return attention_fwd(q, k, v, bias, mask, scale)[0]
-    # A rank without rows also lands here: an empty output and a zero bias gradient.
+    # A rank without rows lands here too (ops.attention_bwd divides by zero for R = 0): an empty
+    # output and a zero bias gradient.
     return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)
 
 
@@ -88,8 +85,8 @@ class _SumGradOverGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # Sum in at least fp32 (a 16-bit bias's gradient is rounded once, after the sum), into a
-        # fresh contiguous buffer: autograd's incoming gradient must not be changed in place.
+        # Sum in at least fp32 (each rank's part arrives in bias's dtype, as the local backward gives it),
+        # into a fresh contiguous buffer: autograd's incoming gradient must not be changed in place.
         total = torch.empty(grad.shape, dtype=torch.promote_types(grad.dtype, torch.float32), device=grad.device)
         total.copy_(grad)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
@@ -183,7 +180,8 @@ def _check_group(q, k, v, bias, scale, mask, group, sync_bias_grad) -> None:
 
     bad = [r for r, m in enumerate(metas) if m[0] == 0]
     if bad:
-        message = str(local_error).encode()[:_MAX_MESSAGE_BYTES] if local_error is not None else b""
+        text = "" if local_error is None else str(local_error).removeprefix(f"{_NAME}: ")
+        message = text.encode()[:_MAX_MESSAGE_BYTES]
         buf = torch.zeros(_MAX_MESSAGE_BYTES, dtype=torch.uint8)
         buf[:len(message)] = torch.frombuffer(bytearray(message), dtype=torch.uint8) if message else buf[:0]
         texts = [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace")
@@ -196,7 +194,7 @@ def _check_group(q, k, v, bias, scale, mask, group, sync_bias_grad) -> None:
         return any(m[lo:hi] != metas[0][lo:hi] for m in metas)
 
     def table(lo, hi, names):
-        return "; ".join(f"rank {r}: " + ", ".join(f"{n}={int(x)}" for n, x in zip(names, m[lo:hi]))
+        return "; ".join(f"rank {r}: " + ", ".join(f"{n}={int(x)}" for n, x in zip(names, m[lo:hi], strict=True))
                          for r, m in enumerate(metas))
 
     problems = []
