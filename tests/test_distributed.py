@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from flash_tt_attn import attention
 from flash_tt_attn.distributed import attention as dist_attention
@@ -199,7 +200,7 @@ def _spawn(world, tmp_path, worker=_worker):
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
                 pytest.fail(f"distributed test did not finish in {DEADLINE_S} s (hang?)")
-    except mp.ProcessException as err:
+    except ProcessException as err:
         errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("error-*")))
         pytest.fail(f"a rank failed: {err}\n{errors}")
     finally:
