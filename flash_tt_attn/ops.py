@@ -47,7 +47,7 @@ def interpreter_enabled() -> bool:
 
 def _interpreter_config(L: int) -> LaunchConfig:
     block = 16 if L <= 16 else 32
-    return LaunchConfig(block, block, 1, 1, rows=2)
+    return LaunchConfig(block, block, 1, 1, rows=4)
 
 
 def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:

@@ -3,8 +3,9 @@
 For each row i the problem is ordinary attention of L queries over L keys, plus a
 bias tile bias[b, h, j-block, k-block] that is the same for every i. At D = 32 the
 kernel is bound by on-chip traffic, not DRAM: per score it reads 2 bytes of bias but
-only 4·D/BLOCK_J bytes of k and v. So each program handles ROWS rows i (1 or 2) and
-loads each bias tile once for all of them, halving the bias traffic at ROWS = 2.
+only 4·D/BLOCK_J bytes of k and v. So each program handles ROWS rows i (1, 2 or 4),
+loads each bias tile once for all of them, and gives the scheduler ROWS independent
+chains of matrix products and exponentials to interleave.
 
 Programs are numbered with the query block fastest: the blocks of one row run
 together and read k_i and v_i from DRAM once; the bias of one (b, h) stays in L2 while
@@ -57,6 +58,20 @@ def _online_softmax_step(q, kt_ptrs, v_ptrs, bias, mask_ptrs, m_i, l_i, acc, k_i
 
 
 @triton.jit
+def _start_row(q_base, q_rel, row, stride_qi, R, scale, offs_j, j_in, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+               HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Scaled q and empty softmax state of a row that may lie past the last row R - 1."""
+    ok_j = (offs_j * 0 + row) < R
+    ok_k = (tl.arange(0, BLOCK_K) * 0 + row) < R
+    q = tl.load(q_base + row * stride_qi + q_rel, mask=j_in[:, None] & ok_j[:, None], other=0.0)
+    q = (q * scale).to(q.dtype)
+    m = tl.full([BLOCK_J], float("-inf"), dtype=ACC_DTYPE)
+    l_sum = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
+    return q, m, l_sum, acc, ok_j, ok_k
+
+
+@triton.jit
 def _finish_row(m_i, l_i, acc, o_ptrs, lse_ptrs, store_mask, lse_mask, OUT_DTYPE: tl.constexpr):
     has_keys = l_i > 0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -95,7 +110,6 @@ def attention_fwd_kernel(
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    row1 = row0 + 1
 
     offs_j = j_block * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -109,6 +123,7 @@ def attention_fwd_kernel(
     mask_base = MASK + b * stride_mb
     bias_base = BIAS + b * stride_bb + h * stride_bh + offs_j64 * stride_bj
 
+    # Row 0 of the program always exists; rows 1..ROWS-1 may lie past R (masks as blocks over j and k).
     if EVEN_L:
         q0 = tl.load(q_base + row0 * stride_qi + q_rel)
     else:
@@ -117,21 +132,21 @@ def attention_fwd_kernel(
     m0 = tl.full([BLOCK_J], float("-inf"), dtype=ACC_DTYPE)
     l0 = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
     acc0 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
-    if ROWS == 2:
-        # The second row may lie past the end when R is odd: masks, as blocks over j and k.
-        row1_ok_j = (offs_j * 0 + row1) < R
-        row1_ok_k = (tl.arange(0, BLOCK_K) * 0 + row1) < R
-        q1 = tl.load(q_base + row1 * stride_qi + q_rel, mask=j_in[:, None] & row1_ok_j[:, None], other=0.0)
-        q1 = (q1 * scale).to(q1.dtype)
-        m1 = tl.full([BLOCK_J], float("-inf"), dtype=ACC_DTYPE)
-        l1 = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
-        acc1 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
+    if ROWS >= 2:
+        q1, m1, l1, acc1, ok1_j, ok1_k = _start_row(q_base, q_rel, row0 + 1, stride_qi, R, scale, offs_j, j_in,
+                                                    BLOCK_J, BLOCK_K, HEAD_DIM, ACC_DTYPE)
+    if ROWS >= 4:
+        q2, m2, l2, acc2, ok2_j, ok2_k = _start_row(q_base, q_rel, row0 + 2, stride_qi, R, scale, offs_j, j_in,
+                                                    BLOCK_J, BLOCK_K, HEAD_DIM, ACC_DTYPE)
+        q3, m3, l3, acc3, ok3_j, ok3_k = _start_row(q_base, q_rel, row0 + 3, stride_qi, R, scale, offs_j, j_in,
+                                                    BLOCK_J, BLOCK_K, HEAD_DIM, ACC_DTYPE)
 
     for k_start in range(0, L, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_in = offs_k < L
         kt_rel = offs_k[None, :].to(tl.int64) * stride_kk + offs_d[:, None] * stride_kd
         v_rel = offs_k[:, None].to(tl.int64) * stride_vk + offs_d[None, :] * stride_vd
+        mask_rel = offs_k * stride_mk
         bias_ptrs = bias_base + offs_k[None, :] * stride_bk
         if EVEN_L:
             bias = tl.load(bias_ptrs).to(ACC_DTYPE)
@@ -139,12 +154,21 @@ def attention_fwd_kernel(
             bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0).to(ACC_DTYPE)
         m0, l0, acc0 = _online_softmax_step(
             q0, k_base + row0 * stride_ki + kt_rel, v_base + row0 * stride_vi + v_rel, bias,
-            mask_base + row0 * stride_mi + offs_k * stride_mk, m0, l0, acc0, k_in, k_in,
+            mask_base + row0 * stride_mi + mask_rel, m0, l0, acc0, k_in, k_in,
             False, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
-        if ROWS == 2:
+        if ROWS >= 2:
             m1, l1, acc1 = _online_softmax_step(
-                q1, k_base + row1 * stride_ki + kt_rel, v_base + row1 * stride_vi + v_rel, bias,
-                mask_base + row1 * stride_mi + offs_k * stride_mk, m1, l1, acc1, k_in, row1_ok_k,
+                q1, k_base + (row0 + 1) * stride_ki + kt_rel, v_base + (row0 + 1) * stride_vi + v_rel, bias,
+                mask_base + (row0 + 1) * stride_mi + mask_rel, m1, l1, acc1, k_in, ok1_k,
+                True, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+        if ROWS >= 4:
+            m2, l2, acc2 = _online_softmax_step(
+                q2, k_base + (row0 + 2) * stride_ki + kt_rel, v_base + (row0 + 2) * stride_vi + v_rel, bias,
+                mask_base + (row0 + 2) * stride_mi + mask_rel, m2, l2, acc2, k_in, ok2_k,
+                True, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+            m3, l3, acc3 = _online_softmax_step(
+                q3, k_base + (row0 + 3) * stride_ki + kt_rel, v_base + (row0 + 3) * stride_vi + v_rel, bias,
+                mask_base + (row0 + 3) * stride_mi + mask_rel, m3, l3, acc3, k_in, ok3_k,
                 True, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
 
     o_rel = offs_j64 * stride_oj + offs_d[None, :] * stride_od
@@ -152,6 +176,11 @@ def attention_fwd_kernel(
     lse_base = LSE + b * stride_lb + h * stride_lh + offs_j.to(tl.int64) * stride_lj
     _finish_row(m0, l0, acc0, o_base + row0 * stride_oi + o_rel, lse_base + row0 * stride_li,
                 j_in[:, None], j_in, OUT.dtype.element_ty)
-    if ROWS == 2:
-        _finish_row(m1, l1, acc1, o_base + row1 * stride_oi + o_rel, lse_base + row1 * stride_li,
-                    j_in[:, None] & row1_ok_j[:, None], j_in & row1_ok_j, OUT.dtype.element_ty)
+    if ROWS >= 2:
+        _finish_row(m1, l1, acc1, o_base + (row0 + 1) * stride_oi + o_rel, lse_base + (row0 + 1) * stride_li,
+                    j_in[:, None] & ok1_j[:, None], j_in & ok1_j, OUT.dtype.element_ty)
+    if ROWS >= 4:
+        _finish_row(m2, l2, acc2, o_base + (row0 + 2) * stride_oi + o_rel, lse_base + (row0 + 2) * stride_li,
+                    j_in[:, None] & ok2_j[:, None], j_in & ok2_j, OUT.dtype.element_ty)
+        _finish_row(m3, l3, acc3, o_base + (row0 + 3) * stride_oi + o_rel, lse_base + (row0 + 3) * stride_li,
+                    j_in[:, None] & ok3_j[:, None], j_in & ok3_j, OUT.dtype.element_ty)

@@ -1,0 +1,222 @@
+"""The public attention() against the fp64 definition (reference.attention_reference).
+
+On a CPU-only machine conftest.py switches on Triton's interpreter, so these tests run
+the real kernels; shapes are tiny because the interpreter is slow. GPU-only tests are
+in tests/test_gpu_attention.py.
+"""
+
+import math
+
+import pytest
+import torch
+
+from flash_tt_attn import attention, ops
+from flash_tt_attn.reference import attention_chunked, attention_reference
+
+DTYPE_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.float64: 1e-12}
+
+
+def make_inputs(B, H, L, D, dtype, masked=False, scale_bias=1.0):
+    q, k, v = (torch.randn(B, H, L, L, D).to(dtype) for _ in range(3))
+    bias = (scale_bias * torch.randn(B, H, L, L)).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(B, L, L) > 0.3
+        mask[0, 0] = False  # row i = 0 of batch 0: every key excluded
+    return q, k, v, bias, mask
+
+
+def forward_and_grads(fn, q, k, v, bias, dout, **kwargs):
+    ins = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+    out = fn(*ins, **kwargs)
+    grads = torch.autograd.grad(out, ins, dout)
+    return [out.detach(), *grads]
+
+
+def reference_fp64(q, k, v, bias, dout, **kwargs):
+    return forward_and_grads(attention_reference, *(t.double() for t in (q, k, v, bias)), dout.double(), **kwargs)
+
+
+def assert_close_to_reference(got, want, dtype, names=("out", "dq", "dk", "dv", "dbias")):
+    tol = DTYPE_TOL[dtype]
+    for name, g, w in zip(names, got, want, strict=True):
+        assert g.dtype == dtype, name
+        assert torch.isfinite(g).all(), f"{name} has NaN/inf"
+        err = (g.double() - w).norm() / w.norm().clamp_min(1.0)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+CASES = [
+    pytest.param(1, 1, 1, 16, torch.float32, False, id="B1-H1-L1-D16-fp32"),
+    pytest.param(2, 2, 5, 16, torch.float32, True, id="B2-H2-L5-D16-fp32-mask"),
+    pytest.param(1, 2, 16, 32, torch.float16, False, id="B1-H2-L16-D32-fp16"),
+    pytest.param(1, 1, 16, 16, torch.float16, True, id="B1-H1-L16-D16-fp16-mask"),
+    pytest.param(1, 1, 33, 16, torch.float32, True, id="B1-H1-L33-D16-fp32-mask"),
+    pytest.param(1, 1, 7, 32, torch.float64, True, id="B1-H1-L7-D32-fp64-mask"),
+]
+
+
+@pytest.mark.parametrize("B,H,L,D,dtype,masked", CASES)
+def test_forward_and_gradients_match_fp64_reference(B, H, L, D, dtype, masked):
+    q, k, v, bias, mask = make_inputs(B, H, L, D, dtype, masked)
+    dout = torch.randn(B, H, L, L, D).to(dtype)
+    scale = 0.37
+    got = forward_and_grads(attention, q, k, v, bias, dout, scale=scale, mask=mask)
+    want = reference_fp64(q, k, v, bias, dout, scale=scale, mask=mask)
+    assert_close_to_reference(got, want, dtype)
+
+
+def test_fp16_error_is_within_twice_pytorch_fp16_error():
+    """flash-attention's rule: the kernel's error is at most 2x that of the same math in fp16 PyTorch."""
+    q, k, v, bias, _ = make_inputs(1, 2, 12, 16, torch.float16)
+    dout = torch.randn_like(q)
+    want = reference_fp64(q, k, v, bias, dout)
+    ours = forward_and_grads(attention, q, k, v, bias, dout)
+    torch_fp16 = forward_and_grads(lambda *a: attention_reference(*(t.float() for t in a)).half(), q, k, v, bias,
+                                   dout)
+    for name, a, b, w in zip(("out", "dq", "dk", "dv", "dbias"), ours, torch_fp16, want, strict=True):
+        err_ours = (a.double() - w).norm() / w.norm()
+        err_torch = (b.half().double() - w).norm() / w.norm()
+        assert err_ours <= 2 * err_torch + 1e-4, f"{name}: {err_ours:.2e} vs PyTorch fp16 {err_torch:.2e}"
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v, bias, _ = make_inputs(1, 1, 6, 16, torch.float32)
+    got = attention(q, k, v, bias)
+    want = attention_reference(q.double(), k.double(), v.double(), bias.double(), scale=1 / math.sqrt(16))
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
+
+
+def test_seed_usage_example_runs():
+    """The seed README's example, on this machine's device, with its positional scale."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch, heads, seq_len, head_dim = 1, 2, 8, 32
+    q = torch.randn(batch, heads, seq_len, seq_len, head_dim, dtype=torch.float16, device=device)
+    k = torch.randn_like(q)
+    v = torch.randn_like(q)
+    bias = torch.randn(batch, heads, seq_len, seq_len, dtype=torch.float16, device=device)
+    scale = 1.0 / (head_dim**0.5)
+    output = attention(q, k, v, bias, scale)
+    assert output.shape == q.shape and output.dtype == q.dtype
+    want = attention_reference(q.double(), k.double(), v.double(), bias.double(), scale)
+    assert (output.double() - want).norm() / want.norm() < 3e-3
+
+
+def test_fully_masked_row_gives_zero_output_and_zero_gradients():
+    q, k, v, bias, mask = make_inputs(1, 2, 6, 16, torch.float32, masked=True)
+    mask[0, 3] = False
+    ins = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    out = attention(*ins, mask=mask)
+    dq, dk, dv, dbias = torch.autograd.grad(out, ins, torch.randn_like(out))
+    for t in (out, dq, dk, dv, dbias):
+        assert torch.isfinite(t).all()
+    for row in (0, 3):
+        assert torch.equal(out[:, :, row], torch.zeros_like(out[:, :, row]))
+        for g in (dq, dk, dv):
+            assert torch.equal(g[:, :, row], torch.zeros_like(g[:, :, row]))
+
+
+def test_large_negative_bias_excludes_keys():
+    """A bias of -1e4 on a key gives it weight exp(-1e4) = 0: same as masking it."""
+    q, k, v, bias, _ = make_inputs(1, 1, 7, 16, torch.float32)
+    keys_off = torch.tensor([1, 4])
+    bias[..., keys_off] = -1e4
+    mask = torch.ones(1, 7, 7, dtype=torch.bool)
+    mask[..., keys_off] = False
+    torch.testing.assert_close(attention(q, k, v, bias), attention(q, k, v, bias, mask=mask), rtol=1e-5, atol=1e-6)
+
+
+def test_non_contiguous_inputs():
+    """Permuted views of (B, L, L, H, D) storage, as AlphaFold-style models hold pair tensors."""
+    B, L, H, D = 1, 9, 2, 16
+    q, k, v = (torch.randn(B, L, L, H, D).permute(0, 3, 1, 2, 4) for _ in range(3))
+    bias = torch.randn(B, L, L, H).permute(0, 3, 1, 2)
+    assert not q.is_contiguous()
+    dout = torch.randn(B, H, L, L, D)
+    got = forward_and_grads(attention, q, k, v, bias, dout)
+    assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout), torch.float32)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_every_rows_per_program_variant_of_the_forward(monkeypatch, rows):
+    """The forward handles 1, 2 or 4 rows i per program; L = 5 leaves a partial last group."""
+    cfg = ops.LaunchConfig(16, 16, 1, 1, rows=rows)
+    monkeypatch.setattr(ops, "forward_config", lambda *args: cfg)
+    q, k, v, bias, mask = make_inputs(1, 2, 5, 16, torch.float32, masked=True)
+    want = attention_reference(q.double(), k.double(), v.double(), bias.double(), 0.5, mask)
+    torch.testing.assert_close(attention(q, k, v, bias, 0.5, mask=mask).double(), want, rtol=2e-5, atol=2e-6)
+
+
+def test_bitwise_deterministic():
+    q, k, v, bias, mask = make_inputs(1, 2, 9, 16, torch.float16, masked=True)
+    dout = torch.randn_like(q)
+    first = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
+    for _ in range(2):
+        again = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_row_block_op_matches_rows_of_full_call():
+    """ops.attention_fwd takes R <= L rows i (used by flash_tt_attn.distributed)."""
+    q, k, v, bias, mask = make_inputs(1, 2, 8, 16, torch.float32, masked=True)
+    full = attention_reference(q.double(), k.double(), v.double(), bias.double(), 0.25, mask)
+    rows = slice(2, 5)
+    out, lse = ops.attention_fwd(q[:, :, rows], k[:, :, rows], v[:, :, rows], bias, mask[:, rows], 0.25)
+    assert lse.shape == (1, 2, 3, 8) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), full[:, :, rows], rtol=2e-5, atol=2e-6)
+
+
+def test_pytorch_path_without_interpreter(monkeypatch):
+    """Without CUDA and without TRITON_INTERPRET, attention() runs reference.attention_chunked."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine CPU tensors still take this path, but the env check is moot")
+    q, k, v, bias, mask = make_inputs(2, 1, 6, 16, torch.float32, masked=True)
+    dout = torch.randn_like(q)
+    got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
+    assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float32)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 100])
+def test_chunked_reference_matches_definition(chunk_rows):
+    q, k, v, bias, mask = make_inputs(1, 2, 7, 16, torch.float64, masked=True)
+    dout = torch.randn_like(q)
+    got = forward_and_grads(attention_chunked, q, k, v, bias, dout, mask=mask, chunk_rows=chunk_rows)
+    assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, raised before any kernel runs.
+
+def _good():
+    q = torch.randn(1, 2, 4, 4, 16)
+    return dict(q=q, k=q.clone(), v=q.clone(), bias=torch.randn(1, 2, 4, 4))
+
+
+BAD_INPUTS = [
+    pytest.param(dict(q=torch.randn(2, 4, 4, 16)), ValueError, r"q must have shape \(B, H, L, L, D\)", id="q-rank"),
+    pytest.param(dict(q=torch.randn(1, 2, 4, 5, 16)), ValueError, "equal pair dims", id="L1-ne-L2"),
+    pytest.param(dict(k=torch.randn(1, 2, 4, 4, 32)), ValueError, "k must have q's shape", id="k-shape"),
+    pytest.param(dict(v=torch.randn(1, 1, 4, 4, 16)), ValueError, "v must have q's shape", id="v-shape"),
+    pytest.param(dict(bias=torch.randn(1, 2, 4, 5)), ValueError, r"bias must have shape \(B, H, L, L\)",
+                 id="bias-shape"),
+    pytest.param(dict(mask=torch.ones(1, 4, 5, dtype=torch.bool)), ValueError, r"mask must have shape \(B, L, L\)",
+                 id="mask-shape"),
+    pytest.param(dict(mask=torch.ones(1, 4, 4)), TypeError, "mask must be a bool tensor", id="mask-dtype"),
+    pytest.param(dict(bias=torch.randn(1, 2, 4, 4, dtype=torch.float64)), TypeError, "bias has dtype", id="mixed"),
+    pytest.param(dict(q=torch.ones(1, 2, 4, 4, 16, dtype=torch.int32)), TypeError, "q has dtype torch.int32",
+                 id="integer"),
+    pytest.param(dict(q=torch.randn(1, 2, 4, 4, 24), k=torch.randn(1, 2, 4, 4, 24), v=torch.randn(1, 2, 4, 4, 24)),
+                 ValueError, "head dim D = 24 is not supported", id="head-dim"),
+    pytest.param(dict(q=[1.0]), TypeError, "q must be a torch.Tensor", id="not-a-tensor"),
+    pytest.param(dict(scale="0.1"), TypeError, "scale must be a real number", id="scale-type"),
+    pytest.param(dict(bias=torch.randn(1, 2, 4, 4, device="meta")), ValueError, "bias is on meta", id="devices"),
+]
+
+
+@pytest.mark.parametrize("override,error,message", BAD_INPUTS)
+def test_bad_input_is_rejected_with_a_clear_message(override, error, message):
+    args = _good()
+    args.update(override)
+    with pytest.raises(error, match=message):
+        attention(**args)
