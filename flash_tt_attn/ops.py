@@ -45,35 +45,35 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _interpreter_config(L: int) -> LaunchConfig:
+def _interpreter_config(L: int, rows: int) -> LaunchConfig:
     block = 16 if L <= 16 else 32
-    return LaunchConfig(block, block, 1, 1, rows=4)
+    return LaunchConfig(block, block, 1, 1, rows=rows)
 
 
 def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """Tiles for the forward kernel (fixed per head dim; see PERF.md for how they were chosen)."""
+    """Tiles for the forward kernel (rows i per program: 1, 2 or 4); PERF.md says how they were chosen."""
     if device.type != "cuda":
-        return _interpreter_config(L)
+        return _interpreter_config(L, rows=4)
     if dtype in (torch.float32, torch.float64) or head_dim >= 128:
         return LaunchConfig(64, 32, 4, 2)
     if head_dim == 64:
         return LaunchConfig(64, 64, 4, 3)
-    return LaunchConfig(64, 64, 4, 3, rows=2)
+    return LaunchConfig(64, 64, 4, 3, rows=4)
 
 
 def backward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """Tiles for the dq and dk/dv backward kernels."""
+    """Tiles for the dq and dk/dv backward kernels (rows i per program: 1 or 2)."""
     if device.type != "cuda":
-        return _interpreter_config(L)
+        return _interpreter_config(L, rows=2)
     if dtype in (torch.float32, torch.float64) or head_dim >= 128:
         return LaunchConfig(32, 32, 4, 1)
-    return LaunchConfig(64, 64, 4, 3)
+    return LaunchConfig(64, 64, 4, 3, rows=2)
 
 
 def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """Tiles for the bias-gradient kernel (it reads q, dO, k, v per row: larger tiles pay)."""
+    """Tiles for the bias-gradient kernel (its rows field is unused)."""
     if device.type != "cuda":
-        return _interpreter_config(L)
+        return _interpreter_config(L, rows=1)
     if dtype in (torch.float32, torch.float64) or head_dim >= 128:
         return LaunchConfig(32, 32, 4, 1)
     return LaunchConfig(64, 64, 4, 3)
@@ -140,13 +140,16 @@ def attention_fwd(
     lse = torch.empty((B, H, R, L), dtype=_lse_dtype(q.dtype), device=q.device)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     cfg = forward_config(L, D, q.dtype, q.device)
+    if cfg.rows not in (1, 2, 4):
+        raise ValueError(f"the forward kernel takes 1, 2 or 4 rows per program, not {cfg.rows}")
     grid = (triton.cdiv(L, cfg.block_j), triton.cdiv(R, cfg.rows), B * H)
     wrap_triton(attention_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
         H, R, L, scale,
-        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), ROWS=cfg.rows, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
+        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), ROWS=cfg.rows,
+        BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         FAST_EXP2=_fast_exp2(q.dtype, q.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -166,23 +169,25 @@ def attention_bwd(
     delta = torch.empty_like(lse)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     cfg = backward_config(L, D, q.dtype, q.device)
+    if cfg.rows not in (1, 2):
+        raise ValueError(f"backward kernels take 1 or 2 rows per program, not {cfg.rows}")
     common = dict(
         HAS_MASK=has_mask, EVEN_L=_even(L, cfg), BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         FAST_EXP2=_fast_exp2(q.dtype, q.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
-    wrap_triton(attention_bwd_dq_kernel)[(triton.cdiv(L, cfg.block_j), R, B * H)](
+    wrap_triton(attention_bwd_dq_kernel)[(triton.cdiv(L, cfg.block_j), triton.cdiv(R, cfg.rows), B * H)](
         q, k, v, bias, mask_t, out, dout, lse, delta, dq,
         *q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
-        H, L, scale, **common,
+        H, R, L, scale, ROWS=cfg.rows, **common,
     )
-    wrap_triton(attention_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_k), R, B * H)](
+    wrap_triton(attention_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_k), triton.cdiv(R, cfg.rows), B * H)](
         q, k, v, bias, mask_t, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
-        H, L, scale, **common,
+        H, R, L, scale, ROWS=cfg.rows, **common,
     )
     cfg = dbias_config(L, D, q.dtype, q.device)
     common.update(EVEN_L=_even(L, cfg), BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k,

@@ -147,6 +147,17 @@ def test_every_rows_per_program_variant_of_the_forward(monkeypatch, rows):
     torch.testing.assert_close(attention(q, k, v, bias, 0.5, mask=mask).double(), want, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_every_rows_per_program_variant_of_the_backward(monkeypatch, rows):
+    """dq and dk/dv kernels handle 1 or 2 rows i per program; L = 5 leaves a lone last row."""
+    cfg = ops.LaunchConfig(16, 16, 1, 1, rows=rows)
+    monkeypatch.setattr(ops, "backward_config", lambda *args: cfg)
+    q, k, v, bias, mask = make_inputs(1, 2, 5, 16, torch.float32, masked=True)
+    dout = torch.randn_like(q)
+    got = forward_and_grads(attention, q, k, v, bias, dout, scale=0.5, mask=mask)
+    assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, scale=0.5, mask=mask), torch.float32)
+
+
 def test_bitwise_deterministic():
     q, k, v, bias, mask = make_inputs(1, 2, 9, 16, torch.float16, masked=True)
     dout = torch.randn_like(q)

@@ -2,10 +2,13 @@
 log-sum-exp, never stored. Three kernels, none with atomics, so every gradient is
 bitwise reproducible:
 
-* ``attention_bwd_dq_kernel``: program per (query block j, row i); loops over keys;
-  writes dq and delta = rowsum(dO · O) (used by the two kernels that follow).
-* ``attention_bwd_dkdv_kernel``: program per (key block k, row i); loops over queries;
-  writes dk and dv.
+* ``attention_bwd_dq_kernel``: program per (query block j, ROWS rows i); loops over
+  keys; writes dq and delta = rowsum(dO · O) (used by the two kernels that follow).
+* ``attention_bwd_dkdv_kernel``: program per (key block k, ROWS rows i); loops over
+  queries; writes dk and dv.
+
+With ROWS = 2 a program loads each bias tile once for two rows and interleaves their
+independent work; the second row may lie past the last one (odd R) and is masked.
 * ``attention_bwd_dbias_kernel``: program per ((query block j, key block k), split of
   rows i); loops over its rows with the bias tile and the dbias accumulator held in
   registers; writes one partial sum per split, which the caller reduces in a fixed order.
@@ -23,6 +26,49 @@ from .common import exp2
 
 
 @triton.jit
+def _dq_row_start(q_ptrs, do_ptrs, o_ptrs, lse_ptrs, delta_ptrs, scale, j_in,
+                  LOAD_MASKED: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Loads one row's q (scaled), dO and lse; computes and stores delta = rowsum(dO·O)."""
+    if LOAD_MASKED:
+        q = tl.load(q_ptrs, mask=j_in[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=j_in[:, None], other=0.0)
+        o = tl.load(o_ptrs, mask=j_in[:, None], other=0.0)
+        lse = tl.load(lse_ptrs, mask=j_in, other=float("inf"))
+    else:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+        o = tl.load(o_ptrs)
+        lse = tl.load(lse_ptrs)
+    q = (q * scale).to(q.dtype)
+    delta = tl.sum(do.to(ACC_DTYPE) * o.to(ACC_DTYPE), 1)
+    tl.store(delta_ptrs, delta, mask=j_in)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _dq_row_step(q, do, lse, delta, k_ptrs, vt_ptrs, mask_ptrs, bias, dq, k_in,
+                 LOAD_MASKED: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_L: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr):
+    """One key block of one row: recompute p, then dq += (p ∘ (dO·vᵀ − delta)) · k."""
+    if LOAD_MASKED:
+        k_tile = tl.load(k_ptrs, mask=k_in[:, None], other=0.0)
+        vt = tl.load(vt_ptrs, mask=k_in[None, :], other=0.0)
+    else:
+        k_tile = tl.load(k_ptrs)
+        vt = tl.load(vt_ptrs)
+    s = tl.dot(q, tl.trans(k_tile), acc=bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    p = exp2(s * 1.4426950408889634 - lse[:, None], FAST_EXP2)
+    if HAS_MASK:
+        keep = tl.load(mask_ptrs, mask=k_in, other=0) != 0
+        p = tl.where(keep[None, :], p, 0.0)
+    elif not EVEN_L:
+        p = tl.where(k_in[None, :], p, 0.0)
+    dp = tl.dot(do, vt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
 def attention_bwd_dq_kernel(
     Q, K, V, BIAS, MASK, OUT, DOUT, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qi, stride_qj, stride_qd,
@@ -34,9 +80,10 @@ def attention_bwd_dq_kernel(
     stride_bb, stride_bh, stride_bj, stride_bk,
     stride_mb, stride_mi, stride_mk,
     stride_lb, stride_lh, stride_li, stride_lj,
-    H, L, scale,
+    H, R, L, scale,
     HAS_MASK: tl.constexpr,
     EVEN_L: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -45,70 +92,106 @@ def attention_bwd_dq_kernel(
     FAST_EXP2: tl.constexpr,
 ):
     j_block = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    row0 = tl.program_id(1).to(tl.int64) * ROWS
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    row1 = row0 + 1
 
     offs_j = j_block * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, HEAD_DIM)
     j_in = offs_j < L
     offs_j64 = offs_j[:, None].to(tl.int64)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + row * stride_qi + offs_j64 * stride_qj + offs_d[None, :] * stride_qd
-    do_ptrs = DOUT + b * stride_dob + h * stride_doh + row * stride_doi + offs_j64 * stride_doj \
-        + offs_d[None, :] * stride_dod
-    o_ptrs = OUT + b * stride_ob + h * stride_oh + row * stride_oi + offs_j64 * stride_oj + offs_d[None, :] * stride_od
-    lse_offs = b * stride_lb + h * stride_lh + row * stride_li + offs_j.to(tl.int64) * stride_lj
-    if EVEN_L:
-        q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
-        o = tl.load(o_ptrs)
-        lse = tl.load(LSE + lse_offs)
-    else:
-        q = tl.load(q_ptrs, mask=j_in[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=j_in[:, None], other=0.0)
-        o = tl.load(o_ptrs, mask=j_in[:, None], other=0.0)
-        lse = tl.load(LSE + lse_offs, mask=j_in, other=float("inf"))
-    q = (q * scale).to(q.dtype)
-    delta = tl.sum(do.to(ACC_DTYPE) * o.to(ACC_DTYPE), 1)
-    tl.store(DELTA + lse_offs, delta, mask=j_in)
-
-    k_base = K + b * stride_kb + h * stride_kh + row * stride_ki
-    v_base = V + b * stride_vb + h * stride_vh + row * stride_vi
+    q_base = Q + b * stride_qb + h * stride_qh + offs_j64 * stride_qj + offs_d[None, :] * stride_qd
+    do_base = DOUT + b * stride_dob + h * stride_doh + offs_j64 * stride_doj + offs_d[None, :] * stride_dod
+    o_base = OUT + b * stride_ob + h * stride_oh + offs_j64 * stride_oj + offs_d[None, :] * stride_od
+    lse_base = b * stride_lb + h * stride_lh + offs_j.to(tl.int64) * stride_lj
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
     bias_base = BIAS + b * stride_bb + h * stride_bh + offs_j64 * stride_bj
-    mask_base = MASK + b * stride_mb + row * stride_mi
+    mask_base = MASK + b * stride_mb
 
-    dq = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
+    q0, do0, lse0, delta0 = _dq_row_start(
+        q_base + row0 * stride_qi, do_base + row0 * stride_doi, o_base + row0 * stride_oi,
+        LSE + lse_base + row0 * stride_li, DELTA + lse_base + row0 * stride_li, scale, j_in,
+        not EVEN_L, ACC_DTYPE)
+    dq0 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
+    if ROWS == 2:
+        # The second row may lie past R: treat its queries as out of range (p = 0, nothing stored).
+        j_in1 = j_in & ((offs_j * 0 + row1) < R)
+        k_in1_row = (tl.arange(0, BLOCK_K) * 0 + row1) < R
+        q1, do1, lse1, delta1 = _dq_row_start(
+            q_base + row1 * stride_qi, do_base + row1 * stride_doi, o_base + row1 * stride_oi,
+            LSE + lse_base + row1 * stride_li, DELTA + lse_base + row1 * stride_li, scale, j_in1,
+            True, ACC_DTYPE)
+        dq1 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
+
     for k_start in range(0, L, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_in = offs_k < L
-        k_ptrs = k_base + offs_k[:, None].to(tl.int64) * stride_kk + offs_d[None, :] * stride_kd
-        vt_ptrs = v_base + offs_k[None, :].to(tl.int64) * stride_vk + offs_d[:, None] * stride_vd
+        k_rel = offs_k[:, None].to(tl.int64) * stride_kk + offs_d[None, :] * stride_kd
+        vt_rel = offs_k[None, :].to(tl.int64) * stride_vk + offs_d[:, None] * stride_vd
         bias_ptrs = bias_base + offs_k[None, :] * stride_bk
         if EVEN_L:
-            k_tile = tl.load(k_ptrs)
-            vt = tl.load(vt_ptrs)
-            bias = tl.load(bias_ptrs)
+            bias = tl.load(bias_ptrs).to(ACC_DTYPE)
         else:
-            k_tile = tl.load(k_ptrs, mask=k_in[:, None], other=0.0)
-            vt = tl.load(vt_ptrs, mask=k_in[None, :], other=0.0)
-            bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k_tile), acc=bias.to(ACC_DTYPE), input_precision=DOT_PRECISION,
-                   out_dtype=ACC_DTYPE)
-        p = exp2(s * 1.4426950408889634 - lse[:, None], FAST_EXP2)
-        if HAS_MASK:
-            keep = tl.load(mask_base + offs_k * stride_mk, mask=k_in, other=0) != 0
-            p = tl.where(keep[None, :], p, 0.0)
-        elif not EVEN_L:
-            p = tl.where(k_in[None, :], p, 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0).to(ACC_DTYPE)
+        dq0 = _dq_row_step(q0, do0, lse0, delta0, k_base + row0 * stride_ki + k_rel,
+                           v_base + row0 * stride_vi + vt_rel, mask_base + row0 * stride_mi + offs_k * stride_mk,
+                           bias, dq0, k_in, not EVEN_L, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+        if ROWS == 2:
+            dq1 = _dq_row_step(q1, do1, lse1, delta1, k_base + row1 * stride_ki + k_rel,
+                               v_base + row1 * stride_vi + vt_rel, mask_base + row1 * stride_mi + offs_k * stride_mk,
+                               bias, dq1, k_in & k_in1_row, True, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION,
+                               FAST_EXP2)
 
-    dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + row * stride_dqi + offs_j64 * stride_dqj
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=j_in[:, None])
+    dq_base = DQ + b * stride_dqb + h * stride_dqh + offs_j64 * stride_dqj + offs_d[None, :] * stride_dqd
+    tl.store(dq_base + row0 * stride_dqi, (dq0 * scale).to(DQ.dtype.element_ty), mask=j_in[:, None])
+    if ROWS == 2:
+        tl.store(dq_base + row1 * stride_dqi, (dq1 * scale).to(DQ.dtype.element_ty), mask=j_in1[:, None])
+
+
+@triton.jit
+def _dkdv_row_step(k_tile, v_tile, keep, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, bias_t, dk, dv, j_in, scale,
+                   LOAD_MASKED: tl.constexpr, APPLY_KEEP: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr):
+    """One query block of one row, transposed (rows are keys): dv += pᵀ·dO, dk += dsᵀ·(scale·q)."""
+    if LOAD_MASKED:
+        q_tile = tl.load(q_ptrs, mask=j_in[:, None], other=0.0)
+        do_tile = tl.load(do_ptrs, mask=j_in[:, None], other=0.0)
+        lse = tl.load(lse_ptrs, mask=j_in, other=float("inf"))
+        delta = tl.load(delta_ptrs, mask=j_in, other=0.0)
+    else:
+        q_tile = tl.load(q_ptrs)
+        do_tile = tl.load(do_ptrs)
+        lse = tl.load(lse_ptrs)
+        delta = tl.load(delta_ptrs)
+    q_scaled = (q_tile * scale).to(q_tile.dtype)
+    st = tl.dot(k_tile, tl.trans(q_scaled), acc=bias_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    pt = exp2(st * 1.4426950408889634 - lse[None, :], FAST_EXP2)
+    if APPLY_KEEP:
+        pt = tl.where(keep[:, None], pt, 0.0)
+    dv += tl.dot(pt.to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    dpt = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    dst = pt * (dpt - delta[None, :])
+    # dk = scale · Σ_j ds[j, k] q[j]: the scaled q carries the scale.
+    dk += tl.dot(dst.to(q_scaled.dtype), q_scaled, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_row_start(k_ptrs, v_ptrs, mask_ptrs, k_in, LOAD_MASKED: tl.constexpr, HAS_MASK: tl.constexpr):
+    if LOAD_MASKED:
+        k_tile = tl.load(k_ptrs, mask=k_in[:, None], other=0.0)
+        v_tile = tl.load(v_ptrs, mask=k_in[:, None], other=0.0)
+    else:
+        k_tile = tl.load(k_ptrs)
+        v_tile = tl.load(v_ptrs)
+    keep = k_in
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_ptrs, mask=k_in, other=0) != 0)
+    return k_tile, v_tile, keep
 
 
 @triton.jit
@@ -123,9 +206,10 @@ def attention_bwd_dkdv_kernel(
     stride_bb, stride_bh, stride_bj, stride_bk,
     stride_mb, stride_mi, stride_mk,
     stride_lb, stride_lh, stride_li, stride_lj,
-    H, L, scale,
+    H, R, L, scale,
     HAS_MASK: tl.constexpr,
     EVEN_L: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -134,71 +218,67 @@ def attention_bwd_dkdv_kernel(
     FAST_EXP2: tl.constexpr,
 ):
     k_block = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    row0 = tl.program_id(1).to(tl.int64) * ROWS
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    row1 = row0 + 1
 
     offs_k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, HEAD_DIM)
     k_in = offs_k < L
     offs_k64 = offs_k[:, None].to(tl.int64)
 
-    k_ptrs = K + b * stride_kb + h * stride_kh + row * stride_ki + offs_k64 * stride_kk + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + row * stride_vi + offs_k64 * stride_vk + offs_d[None, :] * stride_vd
-    if EVEN_L:
-        k_tile = tl.load(k_ptrs)
-        v_tile = tl.load(v_ptrs)
-    else:
-        k_tile = tl.load(k_ptrs, mask=k_in[:, None], other=0.0)
-        v_tile = tl.load(v_ptrs, mask=k_in[:, None], other=0.0)
-    keep = k_in
-    if HAS_MASK:
-        keep = keep & (tl.load(MASK + b * stride_mb + row * stride_mi + offs_k * stride_mk,
-                               mask=k_in, other=0) != 0)
+    k_base = K + b * stride_kb + h * stride_kh + offs_k64 * stride_kk + offs_d[None, :] * stride_kd
+    v_base = V + b * stride_vb + h * stride_vh + offs_k64 * stride_vk + offs_d[None, :] * stride_vd
+    mask_base = MASK + b * stride_mb + offs_k * stride_mk
+    k0, v0, keep0 = _dkdv_row_start(k_base + row0 * stride_ki, v_base + row0 * stride_vi,
+                                    mask_base + row0 * stride_mi, k_in, not EVEN_L, HAS_MASK)
+    dk0 = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
+    dv0 = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
+    if ROWS == 2:
+        # The second row may lie past R: its keys count as out of range (p = 0, nothing stored).
+        k_in1 = k_in & ((offs_k * 0 + row1) < R)
+        j_in1_row = (tl.arange(0, BLOCK_J) * 0 + row1) < R
+        k1, v1, keep1 = _dkdv_row_start(k_base + row1 * stride_ki, v_base + row1 * stride_vi,
+                                        mask_base + row1 * stride_mi, k_in1, True, HAS_MASK)
+        dk1 = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
+        dv1 = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
 
-    q_base = Q + b * stride_qb + h * stride_qh + row * stride_qi
-    do_base = DOUT + b * stride_dob + h * stride_doh + row * stride_doi
-    lse_base = b * stride_lb + h * stride_lh + row * stride_li
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DOUT + b * stride_dob + h * stride_doh
+    lse_base = b * stride_lb + h * stride_lh
     bias_base = BIAS + b * stride_bb + h * stride_bh + offs_k64 * stride_bk
 
-    dk = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
-    dv = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
     for j_start in range(0, L, BLOCK_J):
         offs_j = j_start + tl.arange(0, BLOCK_J)
         j_in = offs_j < L
-        q_ptrs = q_base + offs_j[:, None].to(tl.int64) * stride_qj + offs_d[None, :] * stride_qd
-        do_ptrs = do_base + offs_j[:, None].to(tl.int64) * stride_doj + offs_d[None, :] * stride_dod
+        q_rel = offs_j[:, None].to(tl.int64) * stride_qj + offs_d[None, :] * stride_qd
+        do_rel = offs_j[:, None].to(tl.int64) * stride_doj + offs_d[None, :] * stride_dod
+        lse_rel = lse_base + offs_j * stride_lj
         bias_ptrs = bias_base + offs_j[None, :] * stride_bj
         if EVEN_L:
-            q_tile = tl.load(q_ptrs)
-            do_tile = tl.load(do_ptrs)
-            lse = tl.load(LSE + lse_base + offs_j * stride_lj)
-            delta = tl.load(DELTA + lse_base + offs_j * stride_lj)
-            bias_t = tl.load(bias_ptrs)
+            bias_t = tl.load(bias_ptrs).to(ACC_DTYPE)
         else:
-            q_tile = tl.load(q_ptrs, mask=j_in[:, None], other=0.0)
-            do_tile = tl.load(do_ptrs, mask=j_in[:, None], other=0.0)
-            lse = tl.load(LSE + lse_base + offs_j * stride_lj, mask=j_in, other=float("inf"))
-            delta = tl.load(DELTA + lse_base + offs_j * stride_lj, mask=j_in, other=0.0)
-            bias_t = tl.load(bias_ptrs, mask=k_in[:, None] & j_in[None, :], other=0.0)
-        q_scaled = (q_tile * scale).to(q_tile.dtype)
-        # Transposed scores: rows are keys k, columns are queries j.
-        st = tl.dot(k_tile, tl.trans(q_scaled), acc=bias_t.to(ACC_DTYPE), input_precision=DOT_PRECISION,
-                    out_dtype=ACC_DTYPE)
-        pt = exp2(st * 1.4426950408889634 - lse[None, :], FAST_EXP2)
-        if HAS_MASK or not EVEN_L:
-            pt = tl.where(keep[:, None], pt, 0.0)
-        dv += tl.dot(pt.to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        dpt = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        dst = pt * (dpt - delta[None, :])
-        # dk = scale · Σ_j ds[j, k] q[j]: the scaled q carries the scale.
-        dk += tl.dot(dst.to(q_scaled.dtype), q_scaled, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            bias_t = tl.load(bias_ptrs, mask=k_in[:, None] & j_in[None, :], other=0.0).to(ACC_DTYPE)
+        dk0, dv0 = _dkdv_row_step(k0, v0, keep0, q_base + row0 * stride_qi + q_rel,
+                                  do_base + row0 * stride_doi + do_rel, LSE + lse_rel + row0 * stride_li,
+                                  DELTA + lse_rel + row0 * stride_li, bias_t,
+                                  dk0, dv0, j_in, scale, not EVEN_L, HAS_MASK or not EVEN_L, ACC_DTYPE,
+                                  DOT_PRECISION, FAST_EXP2)
+        if ROWS == 2:
+            dk1, dv1 = _dkdv_row_step(k1, v1, keep1, q_base + row1 * stride_qi + q_rel,
+                                      do_base + row1 * stride_doi + do_rel, LSE + lse_rel + row1 * stride_li,
+                                      DELTA + lse_rel + row1 * stride_li, bias_t, dk1, dv1, j_in & j_in1_row, scale,
+                                      True, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
 
-    tl.store(DK + b * stride_dkb + h * stride_dkh + row * stride_dki + offs_k64 * stride_dkk
-             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=k_in[:, None])
-    tl.store(DV + b * stride_dvb + h * stride_dvh + row * stride_dvi + offs_k64 * stride_dvk
-             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
+    dk_base = DK + b * stride_dkb + h * stride_dkh + offs_k64 * stride_dkk + offs_d[None, :] * stride_dkd
+    dv_base = DV + b * stride_dvb + h * stride_dvh + offs_k64 * stride_dvk + offs_d[None, :] * stride_dvd
+    tl.store(dk_base + row0 * stride_dki, dk0.to(DK.dtype.element_ty), mask=k_in[:, None])
+    tl.store(dv_base + row0 * stride_dvi, dv0.to(DV.dtype.element_ty), mask=k_in[:, None])
+    if ROWS == 2:
+        tl.store(dk_base + row1 * stride_dki, dk1.to(DK.dtype.element_ty), mask=k_in1[:, None])
+        tl.store(dv_base + row1 * stride_dvi, dv1.to(DV.dtype.element_ty), mask=k_in1[:, None])
 
 
 @triton.jit
