@@ -58,7 +58,7 @@ def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.devi
         return LaunchConfig(64, 32, 4, 2)
     if head_dim == 64:
         return LaunchConfig(64, 64, 4, 3)
-    return LaunchConfig(64, 64, 4, 3, rows=4)
+    return LaunchConfig(64, 64, 4, 3, rows=2)
 
 
 def backward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
@@ -67,7 +67,7 @@ def backward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.dev
         return _interpreter_config(L, rows=2)
     if dtype in (torch.float32, torch.float64) or head_dim >= 128:
         return LaunchConfig(32, 32, 4, 1)
-    return LaunchConfig(64, 64, 4, 3, rows=2)
+    return LaunchConfig(64, 64, 4, 3, rows=1)
 
 
 def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:

@@ -116,7 +116,9 @@ class Flex(AttentionProvider):
             for knob in ("cache_size_limit", "recompile_limit"):
                 if hasattr(config, knob):
                     setattr(config, knob, max(getattr(config, knob), 512))
-            _COMPILED_FLEX = torch.compile(flex_attention)
+            # dynamic=False: a shape-generic kernel (what automatic dynamic shapes gives after the first
+            # recompile) ran 8x slower on the H100; every L gets its own static kernel, as users would.
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
 
     def bind(self, q, k, v, bias):
         B, L, H, _, D = q.shape

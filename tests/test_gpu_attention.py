@@ -1,0 +1,82 @@
+"""GPU tests of attention(): dtypes, head dims and lengths on the Triton kernels, determinism,
+torch.library.opcheck and torch.compile. Skipped without CUDA (run by `nox -s gpu_tests`)."""
+
+import pytest
+import torch
+
+from flash_tt_attn import attention, ops
+from flash_tt_attn.reference import attention_chunked
+
+pytestmark = pytest.mark.gpu
+
+# Relative-norm bounds: fp16 / bf16 rounding of P and of the outputs, fp32 with IEEE products.
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
+
+
+def _inputs(B, H, L, D, dtype, masked, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, L, D, device="cuda", generator=g).to(dtype) for _ in range(3))
+    bias = torch.randn(B, H, L, L, device="cuda", generator=g).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(B, L, L, device="cuda", generator=g) > 0.2
+        mask[0, 0] = False
+    return q, k, v, bias, mask
+
+
+def _grads(fn, q, k, v, bias, dout, **kw):
+    ins = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+    out = fn(*ins, **kw)
+    return [out.detach(), *torch.autograd.grad(out, ins, dout)]
+
+
+CASES = [
+    pytest.param(2, 3, 33, 16, torch.float16, True, id="B2-H3-L33-D16-fp16-mask"),
+    pytest.param(1, 2, 100, 32, torch.bfloat16, True, id="B1-H2-L100-D32-bf16-mask"),
+    pytest.param(1, 2, 129, 64, torch.float16, False, id="B1-H2-L129-D64-fp16"),
+    pytest.param(1, 1, 96, 128, torch.bfloat16, True, id="B1-H1-L96-D128-bf16-mask"),
+    pytest.param(1, 2, 77, 32, torch.float32, True, id="B1-H2-L77-D32-fp32-mask"),
+    pytest.param(1, 1, 64, 128, torch.float32, False, id="B1-H1-L64-D128-fp32"),
+    pytest.param(1, 2, 512, 32, torch.float16, False, id="B1-H2-L512-D32-fp16"),
+    pytest.param(1, 1, 1024, 32, torch.bfloat16, True, id="B1-H1-L1024-D32-bf16-mask"),
+]
+
+
+@pytest.mark.parametrize("B,H,L,D,dtype,masked", CASES)
+def test_kernels_match_fp64_reference(B, H, L, D, dtype, masked):
+    q, k, v, bias, mask = _inputs(B, H, L, D, dtype, masked)
+    dout = torch.randn_like(q)
+    got = _grads(attention, q, k, v, bias, dout, mask=mask)
+    want = _grads(attention_chunked, *(t.double() for t in (q, k, v, bias)), dout.double(), mask=mask,
+                  chunk_rows=16)
+    for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want, strict=True):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        err = ((g.double() - w).norm() / w.norm()).item()
+        assert err <= TOL[dtype], f"{name}: {err:.2e}"
+
+
+def test_backward_is_bitwise_deterministic_over_20_calls():
+    q, k, v, bias, mask = _inputs(2, 4, 160, 32, torch.float16, True)
+    dout = torch.randn_like(q)
+    first = _grads(attention, q, k, v, bias, dout, mask=mask)
+    for _ in range(19):
+        again = _grads(attention, q, k, v, bias, dout, mask=mask)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_opcheck():
+    q, k, v, bias, mask = _inputs(1, 2, 40, 32, torch.float16, True)
+    for t in (q, k, v, bias):
+        t.requires_grad_(True)
+    torch.library.opcheck(ops.attention_fwd, (q, k, v, bias, mask, 0.3))
+    torch.library.opcheck(ops.attention_fwd, (q, k, v, bias, None, 0.3))
+
+
+def test_compile_fullgraph_matches_eager():
+    q, k, v, bias, mask = _inputs(1, 2, 64, 32, torch.bfloat16, True)
+    dout = torch.randn_like(q)
+    compiled = torch.compile(attention, fullgraph=True)
+    got = _grads(compiled, q, k, v, bias, dout, mask=mask)
+    want = _grads(attention, q, k, v, bias, dout, mask=mask)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
