@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from datetime import datetime, timezone
@@ -22,10 +23,14 @@ def _run(cmd: list[str], cwd=None) -> str | None:
 
 
 def _git_state() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout; a copy without .git (e.g. a tree shipped to a remote GPU) can
+    state them in FLASH_TT_ATTN_GIT_SHA and FLASH_TT_ATTN_GIT_DIRTY (0/1), set by whoever made the copy."""
     root = Path(__file__).resolve().parents[2]
     sha = _run(["git", "rev-parse", "HEAD"], cwd=root)
     if sha is None:
-        return None, None
+        stated = os.environ.get("FLASH_TT_ATTN_GIT_SHA")
+        dirty = os.environ.get("FLASH_TT_ATTN_GIT_DIRTY")
+        return stated, (None if dirty is None else dirty == "1")
     excludes = [f":(exclude){p}" for p in _OUTPUT_PATHS]
     status = _run(["git", "status", "--porcelain", "--", ".", *excludes], cwd=root)
     return sha.strip(), (None if status is None else bool(status.strip()))
