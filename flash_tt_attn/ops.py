@@ -106,10 +106,13 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _mask_args(mask: Optional[torch.Tensor], like: torch.Tensor):
-    """The mask as bytes with its strides, or a dummy pointer with zero strides."""
+    """The mask as bytes with its strides, or a dummy pointer with zero strides.
+
+    A copy (B·L² bytes, small beside q), not a bool->uint8 view: Inductor cannot lower that view.
+    """
     if mask is None:
         return like, (0, 0, 0), False
-    as_bytes = mask.view(torch.uint8)
+    as_bytes = mask.to(torch.uint8)
     return as_bytes, tuple(as_bytes.stride()), True
 
 
