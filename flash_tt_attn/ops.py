@@ -198,7 +198,9 @@ def attention_bwd(
     splits = dbias_splits(B, H, R, L, D, cfg)
     rows_per_split = triton.cdiv(R, splits)
     splits = triton.cdiv(R, rows_per_split)
-    partial = torch.empty((splits, B, H, L, L), dtype=lse.dtype, device=q.device)
+    # One split: the kernel writes the gradient in bias's dtype directly (no fp32 buffer, no cast).
+    partial_dtype = bias.dtype if splits == 1 else lse.dtype
+    partial = torch.empty((splits, B, H, L, L), dtype=partial_dtype, device=q.device)
     tiles = triton.cdiv(L, cfg.block_j) * triton.cdiv(L, cfg.block_k)
     wrap_triton(attention_bwd_dbias_kernel)[(tiles, splits, B * H)](
         q, k, v, bias, mask_t, dout, lse, delta, partial,

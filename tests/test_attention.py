@@ -158,6 +158,16 @@ def test_every_rows_per_program_variant_of_the_backward(monkeypatch, rows):
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, scale=0.5, mask=mask), torch.float32)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_bias_gradient_with_one_or_several_row_splits(monkeypatch, splits):
+    """One split writes dbias in bias's dtype directly; several are fp32 partial sums reduced in order."""
+    monkeypatch.setattr(ops, "dbias_splits", lambda *args: splits)
+    q, k, v, bias, mask = make_inputs(1, 2, 7, 16, torch.float16, masked=True)
+    dout = torch.randn_like(q)
+    got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
+    assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float16)
+
+
 def test_bitwise_deterministic():
     q, k, v, bias, mask = make_inputs(1, 2, 9, 16, torch.float16, masked=True)
     dout = torch.randn_like(q)

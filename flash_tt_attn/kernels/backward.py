@@ -365,4 +365,5 @@ def attention_bwd_dbias_kernel(
         dbias += p * (dp - delta[:, None])
 
     tl.store(DBIAS_PARTIAL + split * stride_ps + b * stride_pb + h * stride_ph + offs_j64 * stride_pj
-             + offs_k[None, :] * stride_pk, dbias, mask=j_in[:, None] & k_in[None, :])
+             + offs_k[None, :] * stride_pk, dbias.to(DBIAS_PARTIAL.dtype.element_ty),
+             mask=j_in[:, None] & k_in[None, :])
