@@ -21,45 +21,57 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def _check_inputs(q, k, v, bias, scale, mask) -> None:
+def check_inputs(q, k, v, bias, scale, mask, *, caller: str = "attention()", row_block: bool = False) -> None:
+    """Raise a TypeError/ValueError naming the argument and what was expected; return None when valid.
+
+    ``row_block=True`` accepts q, k, v of shape (B, H, R, L, D) with R ≤ L rows i (a shard of the pair
+    tensor, as :mod:`flash_tt_attn.distributed` passes) and a mask of shape (B, R, L).
+    """
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention(): {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if mask is not None and not isinstance(mask, torch.Tensor):
-        raise TypeError(f"attention(): mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        raise TypeError(f"{caller}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    q_layout = "(B, H, L_local, L, D)" if row_block else "(B, H, L, L, D)"
     if q.dim() != 5:
-        raise ValueError(f"attention(): q must have shape (B, H, L, L, D) (5 dims), got {_shape(q)}")
-    B, H, L1, L2, D = q.shape
-    if L1 != L2:
-        raise ValueError(f"attention(): q must have shape (B, H, L, L, D) with equal pair dims, got {_shape(q)}")
+        raise ValueError(f"{caller}: q must have shape {q_layout} (5 dims), got {_shape(q)}")
+    B, H, R, L, D = q.shape
+    if row_block and R > L:
+        raise ValueError(f"{caller}: q must have shape {q_layout} with L_local ≤ L (this rank's block of rows i), "
+                         f"got {_shape(q)}")
+    if not row_block and R != L:
+        raise ValueError(f"{caller}: q must have shape {q_layout} with equal pair dims, got {_shape(q)}")
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
-            raise ValueError(f"attention(): {name} must have q's shape {_shape(q)}, got {_shape(t)}")
-    if bias.shape != (B, H, L1, L1):
-        raise ValueError(f"attention(): bias must have shape (B, H, L, L) = ({B}, {H}, {L1}, {L1}), got {_shape(bias)}")
+            raise ValueError(f"{caller}: {name} must have q's shape {_shape(q)}, got {_shape(t)}")
+    if bias.shape != (B, H, L, L):
+        whole = " (the whole bias, on every rank)" if row_block else ""
+        raise ValueError(f"{caller}: bias must have shape (B, H, L, L) = ({B}, {H}, {L}, {L}){whole}, "
+                         f"got {_shape(bias)}")
     if mask is not None:
         if mask.dtype != torch.bool:
-            raise TypeError(f"attention(): mask must be a bool tensor (True = key takes part), got {mask.dtype}")
-        if mask.shape != (B, L1, L1):
-            raise ValueError(f"attention(): mask must have shape (B, L, L) = ({B}, {L1}, {L1}), got {_shape(mask)}")
+            raise TypeError(f"{caller}: mask must be a bool tensor (True = key takes part), got {mask.dtype}")
+        if mask.shape != (B, R, L):
+            mask_layout = "(B, L_local, L)" if row_block else "(B, L, L)"
+            raise ValueError(f"{caller}: mask must have shape {mask_layout} = ({B}, {R}, {L}), got {_shape(mask)}")
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
         if t.dtype not in SUPPORTED_DTYPES:
             names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
-            raise TypeError(f"attention(): {name} has dtype {t.dtype}; expected one of {names}")
+            raise TypeError(f"{caller}: {name} has dtype {t.dtype}; expected one of {names}")
     for name, t in (("k", k), ("v", v), ("bias", bias)):
         if t.dtype != q.dtype:
-            raise TypeError(f"attention(): {name} has dtype {t.dtype} but q has {q.dtype}; all of q, k, v, bias "
+            raise TypeError(f"{caller}: {name} has dtype {t.dtype} but q has {q.dtype}; all of q, k, v, bias "
                             "must share one dtype")
     for name, t in (("k", k), ("v", v), ("bias", bias), ("mask", mask)):
         if t is not None and t.device != q.device:
-            raise ValueError(f"attention(): {name} is on {t.device} but q is on {q.device}; all inputs must be on "
+            raise ValueError(f"{caller}: {name} is on {t.device} but q is on {q.device}; all inputs must be on "
                              "one device")
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention(): head dim D = {D} is not supported; expected one of {SUPPORTED_HEAD_DIMS}")
+        raise ValueError(f"{caller}: head dim D = {D} is not supported; expected one of {SUPPORTED_HEAD_DIMS}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        raise TypeError(f"attention(): scale must be a real number or None, got {type(scale).__name__}")
+        raise TypeError(f"{caller}: scale must be a real number or None, got {type(scale).__name__}")
     if q.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"attention(): device {q.device} is not supported (CUDA runs the Triton kernels, "
+        raise ValueError(f"{caller}: device {q.device} is not supported (CUDA runs the Triton kernels, "
                          "CPU the interpreter or the PyTorch reference)")
 
 
@@ -123,7 +135,7 @@ def attention(
         >>> attention(q, k, v, bias, 0.25).shape
         torch.Size([1, 2, 8, 8, 16])
     """
-    _check_inputs(q, k, v, bias, scale, mask)
+    check_inputs(q, k, v, bias, scale, mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     try:
         if _uses_triton(q.device):

@@ -26,14 +26,13 @@ Example (run with ``torchrun --nproc-per-node 2 example.py``)::
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from . import reference
-from .api import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, _shape, _uses_triton
+from .api import SUPPORTED_DTYPES, _uses_triton, check_inputs
 
 __all__ = ["attention", "row_block"]
 
@@ -95,47 +94,7 @@ class _SumGradOverGroup(torch.autograd.Function):
 
 def _check_local(q, k, v, bias, scale, mask) -> None:
     """The checks of flash_tt_attn.attention(), for a block of R ≤ L rows."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_NAME}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if mask is not None and not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{_NAME}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if q.dim() != 5:
-        raise ValueError(f"{_NAME}: q must have shape (B, H, L_local, L, D) (5 dims), got {_shape(q)}")
-    B, H, R, L, D = q.shape
-    if R > L:
-        raise ValueError(f"{_NAME}: q must have shape (B, H, L_local, L, D) with L_local ≤ L (this rank's block "
-                         f"of rows i), got {_shape(q)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{_NAME}: {name} must have q's shape {_shape(q)}, got {_shape(t)}")
-    if bias.shape != (B, H, L, L):
-        raise ValueError(f"{_NAME}: bias must have shape (B, H, L, L) = ({B}, {H}, {L}, {L}) (the whole bias, "
-                         f"on every rank), got {_shape(bias)}")
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"{_NAME}: mask must be a bool tensor (True = key takes part), got {mask.dtype}")
-        if mask.shape != (B, R, L):
-            raise ValueError(f"{_NAME}: mask must have shape (B, L_local, L) = ({B}, {R}, {L}), got {_shape(mask)}")
-    for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
-            raise TypeError(f"{_NAME}: {name} has dtype {t.dtype}; expected one of {names}")
-    for name, t in (("k", k), ("v", v), ("bias", bias)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{_NAME}: {name} has dtype {t.dtype} but q has {q.dtype}; all of q, k, v, bias "
-                            "must share one dtype")
-    for name, t in (("k", k), ("v", v), ("bias", bias), ("mask", mask)):
-        if t is not None and t.device != q.device:
-            raise ValueError(f"{_NAME}: {name} is on {t.device} but q is on {q.device}; all inputs must be on "
-                             "one device")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"{_NAME}: head dim D = {D} is not supported; expected one of {SUPPORTED_HEAD_DIMS}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        raise TypeError(f"{_NAME}: scale must be a real number or None, got {type(scale).__name__}")
-    if q.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"{_NAME}: device {q.device} is not supported (CUDA runs the Triton kernels, "
-                         "CPU the interpreter or the PyTorch reference)")
+    check_inputs(q, k, v, bias, scale, mask, caller=_NAME, row_block=True)
 
 
 def _collective_device(group, q) -> torch.device:
