@@ -92,6 +92,11 @@ def _fast_exp2(dtype: torch.dtype, device: torch.device) -> bool:
     return FAST_EXP2 and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
+def _q_prescaled(dtype: torch.dtype, scale: float) -> bool:
+    """Whether the kernels may scale q in its own dtype: not for fp16 with |scale| > 1 (q·scale could overflow)."""
+    return not (dtype == torch.float16 and abs(scale) > 1.0)
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -151,7 +156,7 @@ def attention_fwd(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
         H, R, L, scale,
-        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), ROWS=cfg.rows,
+        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), Q_PRESCALED=_q_prescaled(q.dtype, scale), ROWS=cfg.rows,
         BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         FAST_EXP2=_fast_exp2(q.dtype, q.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -175,7 +180,8 @@ def attention_bwd(
     if cfg.rows not in (1, 2):
         raise ValueError(f"backward kernels take 1 or 2 rows per program, not {cfg.rows}")
     common = dict(
-        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
+        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), Q_PRESCALED=_q_prescaled(q.dtype, scale),
+        BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         FAST_EXP2=_fast_exp2(q.dtype, q.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

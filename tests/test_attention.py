@@ -80,6 +80,16 @@ def test_fp16_error_is_within_twice_pytorch_fp16_error():
         assert err_ours <= 2 * err_torch + 1e-4, f"{name}: {err_ours:.2e} vs PyTorch fp16 {err_torch:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_scale_above_one(dtype):
+    """fp16 with |scale| > 1 takes the kernels' other path (scale on the fp32 product, not on q)."""
+    q, k, v, bias, mask = make_inputs(1, 2, 6, 16, dtype, masked=True)
+    dout = torch.randn_like(q)
+    got = forward_and_grads(attention, q * 0.3, k * 0.3, v, bias, dout, scale=1.7, mask=mask)
+    want = reference_fp64(q * 0.3, k * 0.3, v, bias, dout, scale=1.7, mask=mask)
+    assert_close_to_reference(got, want, dtype)
+
+
 def test_default_scale_is_inverse_sqrt_head_dim():
     q, k, v, bias, _ = make_inputs(1, 1, 6, 16, torch.float32)
     got = attention(q, k, v, bias)

@@ -535,17 +535,14 @@ def test_gradcheck_attention_chunked_in_chunks(chunk_rows):
     assert torch.autograd.gradcheck(fn, inputs, **GRADCHECK_TOL)
 
 
-# ----------------------------------------------------------------------------- known bug
+# ----------------------------------------------------------------------------- fp16 with scale > 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the kernels scale q in q's dtype before q·k ((q * scale).to(q.dtype) in forward.py and "
-    "backward.py), so fp16 q with |q|·scale > 65504 becomes inf and the output NaN, although "
-    "scale·q·k is finite (here ~2e3) and the fp64 definition gives finite values. Needs scale > 1."))
 def test_fp16_scale_above_one_does_not_overflow():
     """fp16 q = 4e4 (representable), k ~ 1e-3, scale = 2: scale·q·k ~ 1e3 fits easily in fp16
-    and in the fp32 accumulator. Expected (the definition): output finite and equal to the fp64
-    reference."""
+    and in the fp32 accumulator, but q·scale = 8e4 would not: the kernels must not scale q in fp16
+    here (they apply the scale to the fp32 product when |scale| > 1). Expected (the definition):
+    output finite and equal to the fp64 reference. (Found as a bug; fixed with this test.)"""
     require_kernel_path()
     B, H, L, D = 1, 1, 3, 16
     _, _, v, bias, _ = make_inputs(B, H, L, D, torch.float16, seed=50)

@@ -13,8 +13,9 @@ independent work; the second row may lie past the last one (odd R) and is masked
   rows i); loops over its rows with the bias tile and the dbias accumulator held in
   registers; writes one partial sum per split, which the caller reduces in a fixed order.
 
-Conventions shared with the forward: q is scaled once (``q·scale`` in q's dtype), the
-bias tile is the accumulator of the q·kᵀ product (natural-log scores s), and
+Conventions shared with the forward: q is scaled once (``q·scale`` in q's dtype) unless
+that could overflow fp16 (``Q_PRESCALED``), the bias tile is the accumulator of the
+q·kᵀ product (natural-log scores s), and
 p = exp2(s·log2(e) − lse) with lse in base 2. ``EVEN_L`` (L a multiple of both blocks)
 drops every bounds mask.
 """
@@ -22,13 +23,13 @@ drops every bounds mask.
 import triton
 import triton.language as tl
 
-from .common import exp2
+from .common import exp2, prescale, scores
 
 
 @triton.jit
 def _dq_row_start(q_ptrs, do_ptrs, o_ptrs, lse_ptrs, delta_ptrs, scale, j_in,
-                  LOAD_MASKED: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Loads one row's q (scaled), dO and lse; computes and stores delta = rowsum(dO·O)."""
+                  LOAD_MASKED: tl.constexpr, Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Loads one row's q (prescaled if Q_PRESCALED), dO and lse; computes and stores delta = rowsum(dO·O)."""
     if LOAD_MASKED:
         q = tl.load(q_ptrs, mask=j_in[:, None], other=0.0)
         do = tl.load(do_ptrs, mask=j_in[:, None], other=0.0)
@@ -39,15 +40,15 @@ def _dq_row_start(q_ptrs, do_ptrs, o_ptrs, lse_ptrs, delta_ptrs, scale, j_in,
         do = tl.load(do_ptrs)
         o = tl.load(o_ptrs)
         lse = tl.load(lse_ptrs)
-    q = (q * scale).to(q.dtype)
+    q = prescale(q, scale, Q_PRESCALED)
     delta = tl.sum(do.to(ACC_DTYPE) * o.to(ACC_DTYPE), 1)
     tl.store(delta_ptrs, delta, mask=j_in)
     return q, do, lse, delta
 
 
 @triton.jit
-def _dq_row_step(q, do, lse, delta, k_ptrs, vt_ptrs, mask_ptrs, bias, dq, k_in,
-                 LOAD_MASKED: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_L: tl.constexpr,
+def _dq_row_step(q, do, lse, delta, k_ptrs, vt_ptrs, mask_ptrs, bias, dq, k_in, scale,
+                 LOAD_MASKED: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_L: tl.constexpr, Q_PRESCALED: tl.constexpr,
                  ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr):
     """One key block of one row: recompute p, then dq += (p ∘ (dO·vᵀ − delta)) · k."""
     if LOAD_MASKED:
@@ -56,7 +57,7 @@ def _dq_row_step(q, do, lse, delta, k_ptrs, vt_ptrs, mask_ptrs, bias, dq, k_in,
     else:
         k_tile = tl.load(k_ptrs)
         vt = tl.load(vt_ptrs)
-    s = tl.dot(q, tl.trans(k_tile), acc=bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    s = scores(q, tl.trans(k_tile), bias, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
     p = exp2(s * 1.4426950408889634 - lse[:, None], FAST_EXP2)
     if HAS_MASK:
         keep = tl.load(mask_ptrs, mask=k_in, other=0) != 0
@@ -83,6 +84,7 @@ def attention_bwd_dq_kernel(
     H, R, L, scale,
     HAS_MASK: tl.constexpr,
     EVEN_L: tl.constexpr,
+    Q_PRESCALED: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -115,7 +117,7 @@ def attention_bwd_dq_kernel(
     q0, do0, lse0, delta0 = _dq_row_start(
         q_base + row0 * stride_qi, do_base + row0 * stride_doi, o_base + row0 * stride_oi,
         LSE + lse_base + row0 * stride_li, DELTA + lse_base + row0 * stride_li, scale, j_in,
-        not EVEN_L, ACC_DTYPE)
+        not EVEN_L, Q_PRESCALED, ACC_DTYPE)
     dq0 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
     if ROWS == 2:
         # The second row may lie past R: treat its queries as out of range (p = 0, nothing stored).
@@ -124,7 +126,7 @@ def attention_bwd_dq_kernel(
         q1, do1, lse1, delta1 = _dq_row_start(
             q_base + row1 * stride_qi, do_base + row1 * stride_doi, o_base + row1 * stride_oi,
             LSE + lse_base + row1 * stride_li, DELTA + lse_base + row1 * stride_li, scale, j_in1,
-            True, ACC_DTYPE)
+            True, Q_PRESCALED, ACC_DTYPE)
         dq1 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
 
     for k_start in range(0, L, BLOCK_K):
@@ -139,12 +141,13 @@ def attention_bwd_dq_kernel(
             bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0).to(ACC_DTYPE)
         dq0 = _dq_row_step(q0, do0, lse0, delta0, k_base + row0 * stride_ki + k_rel,
                            v_base + row0 * stride_vi + vt_rel, mask_base + row0 * stride_mi + offs_k * stride_mk,
-                           bias, dq0, k_in, not EVEN_L, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+                           bias, dq0, k_in, scale, not EVEN_L, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE,
+                           DOT_PRECISION, FAST_EXP2)
         if ROWS == 2:
             dq1 = _dq_row_step(q1, do1, lse1, delta1, k_base + row1 * stride_ki + k_rel,
                                v_base + row1 * stride_vi + vt_rel, mask_base + row1 * stride_mi + offs_k * stride_mk,
-                               bias, dq1, k_in & k_in1_row, True, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION,
-                               FAST_EXP2)
+                               bias, dq1, k_in & k_in1_row, scale, True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE,
+                               DOT_PRECISION, FAST_EXP2)
 
     dq_base = DQ + b * stride_dqb + h * stride_dqh + offs_j64 * stride_dqj + offs_d[None, :] * stride_dqd
     tl.store(dq_base + row0 * stride_dqi, (dq0 * scale).to(DQ.dtype.element_ty), mask=j_in[:, None])
@@ -154,9 +157,10 @@ def attention_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_row_step(k_tile, v_tile, keep, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, bias_t, dk, dv, j_in, scale,
-                   LOAD_MASKED: tl.constexpr, APPLY_KEEP: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr):
-    """One query block of one row, transposed (rows are keys): dv += pᵀ·dO, dk += dsᵀ·(scale·q)."""
+                   LOAD_MASKED: tl.constexpr, APPLY_KEEP: tl.constexpr, Q_PRESCALED: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr):
+    """One query block of one row, transposed (rows are keys): dv += pᵀ·dO, dk += dsᵀ·q (q prescaled, or the
+    caller multiplies dk by the scale at the end)."""
     if LOAD_MASKED:
         q_tile = tl.load(q_ptrs, mask=j_in[:, None], other=0.0)
         do_tile = tl.load(do_ptrs, mask=j_in[:, None], other=0.0)
@@ -167,16 +171,16 @@ def _dkdv_row_step(k_tile, v_tile, keep, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, 
         do_tile = tl.load(do_ptrs)
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
-    q_scaled = (q_tile * scale).to(q_tile.dtype)
-    st = tl.dot(k_tile, tl.trans(q_scaled), acc=bias_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    q_tile = prescale(q_tile, scale, Q_PRESCALED)
+    st = scores(k_tile, tl.trans(q_tile), bias_t, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
     pt = exp2(st * 1.4426950408889634 - lse[None, :], FAST_EXP2)
     if APPLY_KEEP:
         pt = tl.where(keep[:, None], pt, 0.0)
     dv += tl.dot(pt.to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     dpt = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     dst = pt * (dpt - delta[None, :])
-    # dk = scale · Σ_j ds[j, k] q[j]: the scaled q carries the scale.
-    dk += tl.dot(dst.to(q_scaled.dtype), q_scaled, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    # dk = scale · Σ_j ds[j, k] q[j]: a prescaled q carries the scale.
+    dk += tl.dot(dst.to(q_tile.dtype), q_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     return dk, dv
 
 
@@ -209,6 +213,7 @@ def attention_bwd_dkdv_kernel(
     H, R, L, scale,
     HAS_MASK: tl.constexpr,
     EVEN_L: tl.constexpr,
+    Q_PRESCALED: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -264,16 +269,20 @@ def attention_bwd_dkdv_kernel(
         dk0, dv0 = _dkdv_row_step(k0, v0, keep0, q_base + row0 * stride_qi + q_rel,
                                   do_base + row0 * stride_doi + do_rel, LSE + lse_rel + row0 * stride_li,
                                   DELTA + lse_rel + row0 * stride_li, bias_t,
-                                  dk0, dv0, j_in, scale, not EVEN_L, HAS_MASK or not EVEN_L, ACC_DTYPE,
-                                  DOT_PRECISION, FAST_EXP2)
+                                  dk0, dv0, j_in, scale, not EVEN_L, HAS_MASK or not EVEN_L, Q_PRESCALED,
+                                  ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS == 2:
             dk1, dv1 = _dkdv_row_step(k1, v1, keep1, q_base + row1 * stride_qi + q_rel,
                                       do_base + row1 * stride_doi + do_rel, LSE + lse_rel + row1 * stride_li,
                                       DELTA + lse_rel + row1 * stride_li, bias_t, dk1, dv1, j_in & j_in1_row, scale,
-                                      True, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+                                      True, True, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
 
     dk_base = DK + b * stride_dkb + h * stride_dkh + offs_k64 * stride_dkk + offs_d[None, :] * stride_dkd
     dv_base = DV + b * stride_dvb + h * stride_dvh + offs_k64 * stride_dvk + offs_d[None, :] * stride_dvd
+    if not Q_PRESCALED:
+        dk0 = dk0 * scale
+        if ROWS == 2:
+            dk1 = dk1 * scale
     tl.store(dk_base + row0 * stride_dki, dk0.to(DK.dtype.element_ty), mask=k_in[:, None])
     tl.store(dv_base + row0 * stride_dvi, dv0.to(DV.dtype.element_ty), mask=k_in[:, None])
     if ROWS == 2:
@@ -295,6 +304,7 @@ def attention_bwd_dbias_kernel(
     H, R, L, rows_per_split, scale,
     HAS_MASK: tl.constexpr,
     EVEN_L: tl.constexpr,
+    Q_PRESCALED: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -353,8 +363,7 @@ def attention_bwd_dbias_kernel(
             vt = tl.load(vt_ptrs, mask=k_in[None, :], other=0.0)
             lse = tl.load(LSE + lse_offs, mask=j_in, other=float("inf"))
             delta = tl.load(DELTA + lse_offs, mask=j_in, other=0.0)
-        q_scaled = (q_tile * scale).to(q_tile.dtype)
-        s = tl.dot(q_scaled, kt, acc=bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        s = scores(prescale(q_tile, scale, Q_PRESCALED), kt, bias, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
         p = exp2(s * 1.4426950408889634 - lse[:, None], FAST_EXP2)
         if HAS_MASK:
             keep = tl.load(MASK + b * stride_mb + row * stride_mi + offs_k * stride_mk, mask=k_in, other=0) != 0

@@ -14,3 +14,23 @@ def exp2(x, FAST: tl.constexpr):
                                          is_pure=True, pack=1)
     else:
         return tl.exp2(x)
+
+
+@triton.jit
+def prescale(q, scale, Q_PRESCALED: tl.constexpr):
+    """q·scale in q's dtype when Q_PRESCALED (one multiply per q element instead of one per score)."""
+    if Q_PRESCALED:
+        return (q * scale).to(q.dtype)
+    else:
+        return q
+
+
+@triton.jit
+def scores(q, kt, bias, scale, Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """scale·q·kᵀ + bias in ACC_DTYPE. With Q_PRESCALED, q already holds q·scale and the bias tile is the
+    product's accumulator; otherwise (fp16 with |scale| > 1, where q·scale could overflow) the scale is
+    applied to the fp32 product."""
+    if Q_PRESCALED:
+        return tl.dot(q, kt, acc=bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    else:
+        return tl.dot(q, kt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * scale + bias

@@ -9,7 +9,7 @@ chains of matrix products and exponentials to interleave.
 
 Programs are numbered with the query block fastest: the blocks of one row run
 together and read k_i and v_i from DRAM once; the bias of one (b, h) stays in L2 while
-its rows are in flight. q is scaled once per program and the bias tile is the
+its rows are in flight. q is scaled once per program (unless that could overflow fp16) and the bias tile is the
 accumulator of the q·kᵀ product; log2(e) is folded into the softmax's exponent (one
 FMA per score), so the softmax needs only exp2.
 """
@@ -17,13 +17,14 @@ FMA per score), so the softmax needs only exp2.
 import triton
 import triton.language as tl
 
-from .common import exp2
+from .common import exp2, prescale, scores
 
 
 @triton.jit
-def _online_softmax_step(q, kt_ptrs, v_ptrs, bias, mask_ptrs, m_i, l_i, acc, k_in, row_ok,
+def _online_softmax_step(q, kt_ptrs, v_ptrs, bias, mask_ptrs, m_i, l_i, acc, k_in, row_ok, scale,
                          ROW_MAY_BE_OUT: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_L: tl.constexpr,
-                         ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr):
+                         Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         FAST_EXP2: tl.constexpr):
     """One key block of one row: scores, running max and sum, and the output accumulator.
 
     row_ok is a [BLOCK_K] block, all True or all False (is this row inside the tensor?);
@@ -35,8 +36,8 @@ def _online_softmax_step(q, kt_ptrs, v_ptrs, bias, mask_ptrs, m_i, l_i, acc, k_i
         kt = tl.load(kt_ptrs)
     else:
         kt = tl.load(kt_ptrs, mask=k_in[None, :], other=0.0)
-    # Natural-log scores: scale·q·k + bias, the bias entering as the product's accumulator.
-    s = tl.dot(q, kt, acc=bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    # Natural-log scores: scale·q·k + bias.
+    s = scores(q, kt, bias, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
     if HAS_MASK:
         keep = tl.load(mask_ptrs, mask=k_in, other=0) != 0
         s = tl.where(keep[None, :], s, float("-inf"))
@@ -59,12 +60,12 @@ def _online_softmax_step(q, kt_ptrs, v_ptrs, bias, mask_ptrs, m_i, l_i, acc, k_i
 
 @triton.jit
 def _start_row(q_base, q_rel, row, stride_qi, R, scale, offs_j, j_in, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-               HEAD_DIM: tl.constexpr, ACC_DTYPE: tl.constexpr):
+               HEAD_DIM: tl.constexpr, Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Scaled q and empty softmax state of a row that may lie past the last row R - 1."""
     ok_j = (offs_j * 0 + row) < R
     ok_k = (tl.arange(0, BLOCK_K) * 0 + row) < R
     q = tl.load(q_base + row * stride_qi + q_rel, mask=j_in[:, None] & ok_j[:, None], other=0.0)
-    q = (q * scale).to(q.dtype)
+    q = prescale(q, scale, Q_PRESCALED)
     m = tl.full([BLOCK_J], float("-inf"), dtype=ACC_DTYPE)
     l_sum = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
@@ -97,6 +98,7 @@ def attention_fwd_kernel(
     H, R, L, scale,
     HAS_MASK: tl.constexpr,
     EVEN_L: tl.constexpr,
+    Q_PRESCALED: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -128,18 +130,18 @@ def attention_fwd_kernel(
         q0 = tl.load(q_base + row0 * stride_qi + q_rel)
     else:
         q0 = tl.load(q_base + row0 * stride_qi + q_rel, mask=j_in[:, None], other=0.0)
-    q0 = (q0 * scale).to(q0.dtype)
+    q0 = prescale(q0, scale, Q_PRESCALED)
     m0 = tl.full([BLOCK_J], float("-inf"), dtype=ACC_DTYPE)
     l0 = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
     acc0 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
     if ROWS >= 2:
         q1, m1, l1, acc1, ok1_j, ok1_k = _start_row(q_base, q_rel, row0 + 1, stride_qi, R, scale, offs_j, j_in,
-                                                    BLOCK_J, BLOCK_K, HEAD_DIM, ACC_DTYPE)
+                                                    BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
     if ROWS >= 4:
         q2, m2, l2, acc2, ok2_j, ok2_k = _start_row(q_base, q_rel, row0 + 2, stride_qi, R, scale, offs_j, j_in,
-                                                    BLOCK_J, BLOCK_K, HEAD_DIM, ACC_DTYPE)
+                                                    BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
         q3, m3, l3, acc3, ok3_j, ok3_k = _start_row(q_base, q_rel, row0 + 3, stride_qi, R, scale, offs_j, j_in,
-                                                    BLOCK_J, BLOCK_K, HEAD_DIM, ACC_DTYPE)
+                                                    BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
 
     for k_start in range(0, L, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
@@ -154,22 +156,22 @@ def attention_fwd_kernel(
             bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0).to(ACC_DTYPE)
         m0, l0, acc0 = _online_softmax_step(
             q0, k_base + row0 * stride_ki + kt_rel, v_base + row0 * stride_vi + v_rel, bias,
-            mask_base + row0 * stride_mi + mask_rel, m0, l0, acc0, k_in, k_in,
-            False, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+            mask_base + row0 * stride_mi + mask_rel, m0, l0, acc0, k_in, k_in, scale,
+            False, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS >= 2:
             m1, l1, acc1 = _online_softmax_step(
                 q1, k_base + (row0 + 1) * stride_ki + kt_rel, v_base + (row0 + 1) * stride_vi + v_rel, bias,
-                mask_base + (row0 + 1) * stride_mi + mask_rel, m1, l1, acc1, k_in, ok1_k,
-                True, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+                mask_base + (row0 + 1) * stride_mi + mask_rel, m1, l1, acc1, k_in, ok1_k, scale,
+                True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS >= 4:
             m2, l2, acc2 = _online_softmax_step(
                 q2, k_base + (row0 + 2) * stride_ki + kt_rel, v_base + (row0 + 2) * stride_vi + v_rel, bias,
-                mask_base + (row0 + 2) * stride_mi + mask_rel, m2, l2, acc2, k_in, ok2_k,
-                True, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+                mask_base + (row0 + 2) * stride_mi + mask_rel, m2, l2, acc2, k_in, ok2_k, scale,
+                True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
             m3, l3, acc3 = _online_softmax_step(
                 q3, k_base + (row0 + 3) * stride_ki + kt_rel, v_base + (row0 + 3) * stride_vi + v_rel, bias,
-                mask_base + (row0 + 3) * stride_mi + mask_rel, m3, l3, acc3, k_in, ok3_k,
-                True, HAS_MASK, EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+                mask_base + (row0 + 3) * stride_mi + mask_rel, m3, l3, acc3, k_in, ok3_k, scale,
+                True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
 
     o_rel = offs_j64 * stride_oj + offs_d[None, :] * stride_od
     o_base = OUT + b * stride_ob + h * stride_oh
