@@ -75,9 +75,15 @@ def check_inputs(q, k, v, bias, scale, mask, *, caller: str = "attention()", row
                          "CPU the interpreter or the PyTorch reference)")
 
 
-def _uses_triton(device: torch.device) -> bool:
+def _uses_triton(device: torch.device, dtype: torch.dtype) -> bool:
+    """Which path a call takes: the Triton kernels, or reference.attention_chunked.
+
+    float64 on CUDA takes the reference path: Triton 3.6 fails to compile the fp64 kernels with a
+    mask ("fp64 don't support largeK MMA"), and fp64 is for gradient checks, not speed. Under the
+    interpreter the kernels do run in fp64 (that is how CI gradchecks them).
+    """
     if device.type == "cuda":
-        return True
+        return dtype != torch.float64
     from .ops import interpreter_enabled  # noqa: PLC0415 (keeps the CPU-only import light)
 
     return interpreter_enabled()
@@ -114,7 +120,8 @@ def attention(
     Returns:
         (B, H, L, L, D) tensor with q's dtype.
 
-    dtypes: float16, bfloat16, float32 (full fp32 products, no TF32) and float64.
+    dtypes: float16, bfloat16, float32 (full fp32 products, no TF32) and float64 (for
+    gradient checks; on CUDA it runs the PyTorch reference path below).
     Gradients flow to q, k, v and bias and are bitwise reproducible.
 
     Running out of GPU memory raises torch.OutOfMemoryError naming these shapes; the
@@ -138,7 +145,7 @@ def attention(
     check_inputs(q, k, v, bias, scale, mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     try:
-        if _uses_triton(q.device):
+        if _uses_triton(q.device, q.dtype):
             from .ops import attention_fwd  # noqa: PLC0415
 
             out, _ = attention_fwd(q, k, v, bias, mask, scale)

@@ -501,6 +501,9 @@ def test_gradcheck_kernels(L, with_mask):
     (fully masked and single-key rows included). fast_mode (random projections of the Jacobian)
     because the interpreter makes the full Jacobian (one backward per output entry) take minutes."""
     require_kernel_path()
+    if DEVICE.type == "cuda":
+        pytest.skip("float64 on CUDA runs the PyTorch reference path (Triton 3.6 cannot compile the masked fp64 "
+                    "kernels), so the kernels' fp64 gradcheck runs under the interpreter on CPU")
     inputs, mask = _gradcheck_inputs(L, seed=20 + L)
     inputs = tuple(t.to(DEVICE).requires_grad_(True) for t in inputs)
     mask = mask.to(DEVICE) if with_mask else None
