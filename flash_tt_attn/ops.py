@@ -146,6 +146,8 @@ def attention_fwd(
     B, H, R, L, D = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, R, L), dtype=_lse_dtype(q.dtype), device=q.device)
+    if q.numel() == 0:  # no rows (an empty shard), no pairs or no batch: nothing to launch
+        return out, lse
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     cfg = forward_config(L, D, q.dtype, q.device)
     if cfg.rows not in (1, 2, 4):
@@ -174,6 +176,8 @@ def attention_bwd(
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if q.numel() == 0:
+        return dq, dk, dv, torch.zeros_like(bias)
     delta = torch.empty_like(lse)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     cfg = backward_config(L, D, q.dtype, q.device)

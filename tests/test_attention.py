@@ -90,6 +90,28 @@ def test_scale_above_one(dtype):
     assert_close_to_reference(got, want, dtype)
 
 
+@pytest.mark.parametrize("shape", [(0, 2, 4, 4, 16), (1, 2, 0, 0, 16)], ids=["B0", "L0"])
+def test_empty_inputs_give_empty_outputs_and_zero_bias_gradient(shape):
+    q = torch.randn(shape, requires_grad=True)
+    k, v = (torch.randn(shape, requires_grad=True) for _ in range(2))
+    bias = torch.randn(shape[:4], requires_grad=True)
+    out = attention(q, k, v, bias)
+    assert out.shape == q.shape
+    grads = torch.autograd.grad(out.sum(), (q, k, v, bias), allow_unused=True)
+    assert all(g is None or (g.shape == t.shape and not g.any()) for g, t in zip(grads, (q, k, v, bias), strict=True))
+
+
+def test_row_block_op_with_no_rows():
+    """An empty shard of rows (R = 0): empty output, zero bias gradient."""
+    q = torch.randn(1, 2, 0, 5, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 0, 5, 16, requires_grad=True) for _ in range(2))
+    bias = torch.randn(1, 2, 5, 5, requires_grad=True)
+    out, lse = ops.attention_fwd(q, k, v, bias, None, 0.25)
+    assert out.shape == q.shape and lse.shape == (1, 2, 0, 5)
+    dbias = torch.autograd.grad(out.sum(), bias, allow_unused=True)[0]
+    assert dbias is None or not dbias.any()
+
+
 def test_default_scale_is_inverse_sqrt_head_dim():
     q, k, v, bias, _ = make_inputs(1, 1, 6, 16, torch.float32)
     got = attention(q, k, v, bias)
