@@ -65,12 +65,10 @@ def row_block(L: int, group: Optional[dist.ProcessGroup] = None, *, rank: Option
 
 def _local_attention(q, k, v, bias, mask, scale):
     """This rank's rows: the Triton ops on CUDA (or under the interpreter), else the chunked reference."""
-    if q.shape[2] > 0 and _uses_triton(q.device, q.dtype):
+    if _uses_triton(q.device, q.dtype):
         from .ops import attention_fwd  # noqa: PLC0415 (keeps the CPU-only import light)
 
         return attention_fwd(q, k, v, bias, mask, scale)[0]
-    # A rank without rows lands here too (ops.attention_bwd divides by zero for R = 0): an empty
-    # output and a zero bias gradient.
     return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)
 
 
