@@ -65,13 +65,18 @@ def _installed_triton() -> str | None:
     return None
 
 
+def env_flag(name: str) -> bool:
+    """An environment variable set to 1/true/yes/on."""
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
 def check_versions() -> None:
     """Check the installed torch and triton against :data:`MIN_TORCH` and :data:`MIN_TRITON`.
 
     A missing triton is not an error here: CPU tensors still run the PyTorch reference, and
     the Triton path raises its own ModuleNotFoundError when it is first used.
     """
-    if os.environ.get("FLASH_TT_ATTN_SKIP_VERSION_CHECK", "").lower() in ("1", "true", "yes", "on"):
+    if env_flag("FLASH_TT_ATTN_SKIP_VERSION_CHECK"):
         return
     import torch  # imported here so that this module stays cheap to import for its unit tests
 

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from . import reference
+from ._compat import env_flag
 from .errors import out_of_memory
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -79,14 +80,31 @@ def _uses_triton(device: torch.device, dtype: torch.dtype) -> bool:
     """Which path a call takes: the Triton kernels, or reference.attention_chunked.
 
     float64 on CUDA takes the reference path: Triton 3.6 fails to compile the fp64 kernels with a
-    mask ("fp64 don't support largeK MMA"), and fp64 is for gradient checks, not speed. Under the
-    interpreter the kernels do run in fp64 (that is how CI gradchecks them).
+    mask ("fp64 don't support largeK MMA"), and fp64 is for gradient checks, not speed. CPU tensors
+    run the kernels only when TRITON_INTERPRET=1 is set now and was set when the kernels were
+    imported (Triton fixes the mode then); otherwise the reference, without importing triton.
     """
     if device.type == "cuda":
         return dtype != torch.float64
-    from .ops import interpreter_enabled  # noqa: PLC0415 (keeps the CPU-only import light)
+    if not env_flag("TRITON_INTERPRET"):
+        return False
+    from . import ops  # noqa: PLC0415 (keeps the CPU-only import light)
 
-    return interpreter_enabled()
+    return ops.KERNELS_INTERPRETED
+
+
+def run_attention(q, k, v, bias, scale: float, mask) -> torch.Tensor:
+    """The computation behind :func:`attention` (inputs already checked, scale resolved), also for
+    row shards (q of shape (B, H, R, L, D)): picks the path and names the shapes on out-of-memory."""
+    try:
+        if _uses_triton(q.device, q.dtype):
+            from .ops import attention_fwd  # noqa: PLC0415
+
+            out, _ = attention_fwd(q, k, v, bias, mask, scale)
+            return out
+        return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)
+    except torch.OutOfMemoryError as error:
+        raise out_of_memory(error, "forward", q) from error
 
 
 def attention(
@@ -128,7 +146,8 @@ def attention(
     process can catch it and go on.
 
     Paths: CUDA tensors run the Triton kernels. CPU tensors run the same kernels under
-    Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported;
+    Triton's interpreter when ``TRITON_INTERPRET=1`` is set and was set before
+    ``flash_tt_attn.ops`` (the kernels) was first imported;
     otherwise they run :func:`flash_tt_attn.reference.attention_chunked`, pure PyTorch
     in chunks of rows (same results, fp32 math, O(L²) memory per row chunk).
 
@@ -144,12 +163,4 @@ def attention(
     """
     check_inputs(q, k, v, bias, scale, mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    try:
-        if _uses_triton(q.device, q.dtype):
-            from .ops import attention_fwd  # noqa: PLC0415
-
-            out, _ = attention_fwd(q, k, v, bias, mask, scale)
-            return out
-        return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)
-    except torch.OutOfMemoryError as error:
-        raise out_of_memory(error, "forward", q) from error
+    return run_attention(q, k, v, bias, scale, mask)

@@ -31,8 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import reference
-from .api import SUPPORTED_DTYPES, _uses_triton, check_inputs
+from .api import SUPPORTED_DTYPES, check_inputs, run_attention
 
 __all__ = ["attention", "row_block"]
 
@@ -64,12 +63,8 @@ def row_block(L: int, group: Optional[dist.ProcessGroup] = None, *, rank: Option
 
 
 def _local_attention(q, k, v, bias, mask, scale):
-    """This rank's rows: the Triton ops on CUDA (or under the interpreter), else the chunked reference."""
-    if _uses_triton(q.device, q.dtype):
-        from .ops import attention_fwd  # noqa: PLC0415 (keeps the CPU-only import light)
-
-        return attention_fwd(q, k, v, bias, mask, scale)[0]
-    return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)
+    """This rank's rows, on the same paths as flash_tt_attn.attention()."""
+    return run_attention(q, k, v, bias, scale, mask)
 
 
 class _SumGradOverGroup(torch.autograd.Function):

@@ -267,8 +267,9 @@ class TriangleAttention(_TriangleAttentionBase):
 
     def _attention_core(self, q, k, v, bias, mask):
         # One dtype for all four (under autocast: the autocast dtype the projections gave).
-        # Contiguous copies: coalesced loads of the bias tiles, and the Triton backward
-        # writes dq/dk/dv with the strides of q/k/v (wrong for permuted views).
+        # Contiguous copies of the permuted projections: attention() takes strided views
+        # too (tests/test_attention.py), but the block benchmark (experiments/block.yaml)
+        # was measured with these copies and strided loads have not been timed.
         dtype = q.dtype
         k, v, bias = k.to(dtype), v.to(dtype), bias.to(dtype).contiguous()
         pad = self._kernel_head_dim - self.c_hidden

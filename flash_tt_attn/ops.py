@@ -11,7 +11,6 @@ No argument checking happens here: :mod:`flash_tt_attn.api` validates first.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._compat import env_flag
 from .errors import out_of_memory
 from .kernels.backward import (
     attention_bwd_dbias_kernel,
@@ -41,8 +41,13 @@ class LaunchConfig:
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``) in the environment now."""
+    return env_flag("TRITON_INTERPRET")
+
+
+# Triton decides at @triton.jit time (the import of the kernels) whether they are interpreted;
+# setting TRITON_INTERPRET later does not change that, so the API asks this instead.
+KERNELS_INTERPRETED = interpreter_enabled()
 
 
 def _interpreter_config(L: int, rows: int) -> LaunchConfig:
@@ -53,7 +58,7 @@ def _interpreter_config(L: int, rows: int) -> LaunchConfig:
 def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
     """Tiles for the forward kernel (rows i per program: 1, 2 or 4); PERF.md says how they were chosen."""
     if device.type != "cuda":
-        return _interpreter_config(L, rows=4)
+        return _interpreter_config(L, rows=2)  # the GPU's row count; tests patch in 1 and 4
     if dtype in (torch.float32, torch.float64) or head_dim >= 128:
         return LaunchConfig(64, 32, 4, 2)
     if head_dim == 64:
@@ -64,7 +69,7 @@ def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.devi
 def backward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
     """Tiles for the dq and dk/dv backward kernels (rows i per program: 1 or 2)."""
     if device.type != "cuda":
-        return _interpreter_config(L, rows=2)
+        return _interpreter_config(L, rows=1)  # the GPU's row count; tests patch in 2
     if dtype in (torch.float32, torch.float64) or head_dim >= 128:
         return LaunchConfig(32, 32, 4, 1)
     return LaunchConfig(64, 64, 4, 3, rows=1)

@@ -109,6 +109,6 @@ def attention_chunked(q, k, v, bias, scale=None, mask=None, chunk_rows=None):
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    B, H, L = q.shape[:3]
-    chunk = chunk_rows or default_chunk_rows(B, H, L)
+    B, H, R, L = q.shape[:4]  # R rows i (R = L unless q is a shard of rows)
+    chunk = chunk_rows or min(default_chunk_rows(B, H, L), max(R, 1))
     return _ChunkedAttention.apply(q, k, v, bias, mask, float(scale), int(chunk))

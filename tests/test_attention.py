@@ -230,6 +230,19 @@ def test_pytorch_path_without_interpreter(monkeypatch):
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float32)
 
 
+def test_interpreter_requested_after_the_kernels_were_compiled_for_a_gpu(monkeypatch):
+    """Triton fixes interpreted-or-compiled when the kernels are imported: setting TRITON_INTERPRET=1
+    later must not send CPU tensors to compiled kernels (which fail); the reference path runs."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(ops, "KERNELS_INTERPRETED", False)
+    q, k, v, bias, _ = make_inputs(1, 1, 4, 16, torch.float32)
+    q.requires_grad_(True)
+    out = attention(q, k, v, bias)
+    assert type(out.grad_fn).__name__ == "_ChunkedAttentionBackward"
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 3, 100])
 def test_chunked_reference_matches_definition(chunk_rows):
     q, k, v, bias, mask = make_inputs(1, 2, 7, 16, torch.float64, masked=True)
