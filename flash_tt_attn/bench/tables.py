@@ -59,6 +59,11 @@ def sorted_frame(rows: list[dict], spec: Spec, where: dict):
     return df.reset_index(drop=True)
 
 
+def _lead(caption: str) -> str:
+    """The constant-columns caption and its separator, or nothing when every column varies."""
+    return f"{caption}; " if caption else ""
+
+
 def _varying(df) -> tuple[list[str], str]:
     """Config columns that vary (kept as table columns) and a caption naming the constant ones."""
     cols = [c for c in _CONFIG if c in df.columns]
@@ -83,7 +88,7 @@ def results(df, spec: Spec):
         by_prov = {r.provider: _cell(r, memory) for r in g.itertuples()}
         body.append([str(v) for v in vals] + [by_prov.get(p, "–") for p in spec.providers])
     what = "latency median, ms / peak memory, MB (2^20 bytes)" if memory else "latency median, ms"
-    text = f"{caption}; {what}.\n\n" + markdown_table(keys + list(spec.providers), body)
+    text = f"{_lead(caption)}{what}.\n\n" + markdown_table(keys + list(spec.providers), body)
     tidy = df.drop(columns=[c for c in _ERRORS if c in df.columns])
     return tidy, text
 
@@ -112,7 +117,7 @@ def speedup(df, spec: Spec, table: TableOut):
     header = [*varying, "L", f"{table.target} ms"]
     for b in table.baselines:
         header += [f"{b} ms", f"vs {b}"]
-    text = f"{caption}; latency median in ms, speedup = baseline ms / {table.target} ms.\n\n"
+    text = f"{_lead(caption)}latency median in ms, speedup = baseline ms / {table.target} ms.\n\n"
     return pd.DataFrame(tidy_rows), text + markdown_table(header, body)
 
 
@@ -128,7 +133,7 @@ def errors(df, spec: Spec):
             body.append(vals + [_NOT_OK.get(r.status, str(r.status))] * len(cols))
         else:
             body.append(vals + ["–" if _missing(getattr(r, c)) else f"{getattr(r, c):.2e}" for c in cols])
-    text = (f"{caption}; relative error ‖x − ref‖ / ‖ref‖ against the float64 reference "
+    text = (f"{_lead(caption)}relative error ‖x − ref‖ / ‖ref‖ against the float64 reference "
             f"(same inputs and dO).\n\n")
     tidy = df[["provider", *[c for c in _CONFIG if c in df.columns], "L", "status", *_ERRORS, "error",
                "gpu", "git_sha", "timestamp"]]
