@@ -31,13 +31,25 @@ from .kernels.forward import attention_fwd_kernel
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile sizes and launch parameters of one kernel (rows: rows i per forward program)."""
+    """Tile sizes and launch parameters of one kernel.
+
+    rows: rows i per program (forward 1, 2 or 4; dq and dk/dv 1 or 2; unused by dbias).
+    pipeline_all_loads: software-pipeline every load of the main loop num_stages deep, the bias
+    tile, lse and delta included; otherwise Triton pipelines only the matrix products' operands
+    and the other loads wait on memory in every iteration.
+    """
 
     block_j: int
     block_k: int
     num_warps: int
     num_stages: int
     rows: int = 1
+    pipeline_all_loads: bool = False
+
+    @property
+    def loop_stages(self) -> Optional[int]:
+        """The kernels' LOOP_STAGES: the main loop's pipelining depth, or None for Triton's default."""
+        return self.num_stages if self.pipeline_all_loads else None
 
 
 def interpreter_enabled() -> bool:
@@ -66,8 +78,17 @@ def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.devi
     return LaunchConfig(64, 64, 4, 3, rows=2)
 
 
-def backward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """Tiles for the dq and dk/dv backward kernels (rows i per program: 1 or 2)."""
+def dq_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    """Tiles for the dq backward kernel (rows i per program: 1 or 2)."""
+    if device.type != "cuda":
+        return _interpreter_config(L, rows=1)  # the GPU's row count; tests patch in 2
+    if dtype in (torch.float32, torch.float64) or head_dim >= 128:
+        return LaunchConfig(32, 32, 4, 1)
+    return LaunchConfig(64, 64, 4, 3, rows=1)
+
+
+def dkdv_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    """Tiles for the dk/dv backward kernel (rows i per program: 1 or 2)."""
     if device.type != "cuda":
         return _interpreter_config(L, rows=1)  # the GPU's row count; tests patch in 2
     if dtype in (torch.float32, torch.float64) or head_dim >= 128:
@@ -109,6 +130,14 @@ def _acc_dtype(dtype: torch.dtype):
 def _even(L: int, cfg: LaunchConfig) -> bool:
     """L is a multiple of both tile sizes: the kernels can drop their bounds masks."""
     return L % cfg.block_j == 0 and L % cfg.block_k == 0
+
+
+def _tile_args(L: int, cfg: LaunchConfig) -> dict:
+    return dict(EVEN_L=_even(L, cfg), BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k)
+
+
+def _launch_options(cfg: LaunchConfig) -> dict:
+    return dict(LOOP_STAGES=cfg.loop_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -166,7 +195,7 @@ def attention_fwd(
         HAS_MASK=has_mask, EVEN_L=_even(L, cfg), Q_PRESCALED=_q_prescaled(q.dtype, scale), ROWS=cfg.rows,
         BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
-        FAST_EXP2=_fast_exp2(q.dtype, q.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FAST_EXP2=_fast_exp2(q.dtype, q.device), **_launch_options(cfg),
     )
     return out, lse
 
@@ -185,31 +214,30 @@ def attention_bwd(
         return dq, dk, dv, torch.zeros_like(bias)
     delta = torch.empty_like(lse)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
-    cfg = backward_config(L, D, q.dtype, q.device)
-    if cfg.rows not in (1, 2):
-        raise ValueError(f"backward kernels take 1 or 2 rows per program, not {cfg.rows}")
     common = dict(
-        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), Q_PRESCALED=_q_prescaled(q.dtype, scale),
-        BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
-        ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
-        FAST_EXP2=_fast_exp2(q.dtype, q.device), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_MASK=has_mask, Q_PRESCALED=_q_prescaled(q.dtype, scale), HEAD_DIM=D,
+        ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), FAST_EXP2=_fast_exp2(q.dtype, q.device),
     )
 
+    cfg = dq_config(L, D, q.dtype, q.device)
+    if cfg.rows not in (1, 2):
+        raise ValueError(f"the dq kernel takes 1 or 2 rows per program, not {cfg.rows}")
     wrap_triton(attention_bwd_dq_kernel)[(triton.cdiv(L, cfg.block_j), triton.cdiv(R, cfg.rows), B * H)](
         q, k, v, bias, mask_t, out, dout, lse, delta, dq,
         *q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
-        H, R, L, scale, ROWS=cfg.rows, **common,
+        H, R, L, scale, ROWS=cfg.rows, **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
+    cfg = dkdv_config(L, D, q.dtype, q.device)
+    if cfg.rows not in (1, 2):
+        raise ValueError(f"the dk/dv kernel takes 1 or 2 rows per program, not {cfg.rows}")
     wrap_triton(attention_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_k), triton.cdiv(R, cfg.rows), B * H)](
         q, k, v, bias, mask_t, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
-        H, R, L, scale, ROWS=cfg.rows, **common,
+        H, R, L, scale, ROWS=cfg.rows, **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
     cfg = dbias_config(L, D, q.dtype, q.device)
-    common.update(EVEN_L=_even(L, cfg), BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     splits = dbias_splits(B, H, R, L, D, cfg)
     rows_per_split = triton.cdiv(R, splits)
     splits = triton.cdiv(R, rows_per_split)
@@ -221,7 +249,7 @@ def attention_bwd(
         q, k, v, bias, mask_t, dout, lse, delta, partial,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(), *partial.stride(),
-        H, R, L, rows_per_split, scale, **common,
+        H, R, L, rows_per_split, scale, **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
     # Fixed-order reduction over the splits: deterministic, unlike float atomics.
     dbias = partial[0] if splits == 1 else partial.sum(dim=0)
@@ -233,9 +261,14 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, bias, mask, out, lse)
     ctx.scale = scale
+    # lse is an output only for the backward's sake and never receives a gradient: without this,
+    # autograd would allocate a zero fp32 tensor the size of lse (B·H·R·L) for every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
+    if dout is None:  # nothing downstream used the output (lse has no gradient: see _setup_context)
+        return None, None, None, None, None, None
     q, k, v, bias, mask, out, lse = ctx.saved_tensors
     try:
         dq, dk, dv, dbias = attention_bwd(dout, q, k, v, bias, mask, out, lse, ctx.scale)

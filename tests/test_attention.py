@@ -170,9 +170,10 @@ def test_non_contiguous_inputs():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4])
-def test_every_rows_per_program_variant_of_the_forward(monkeypatch, rows):
+@pytest.mark.parametrize("pipeline_all_loads", [False, True])
+def test_every_rows_per_program_variant_of_the_forward(monkeypatch, rows, pipeline_all_loads):
     """The forward handles 1, 2 or 4 rows i per program; L = 5 leaves a partial last group."""
-    cfg = ops.LaunchConfig(16, 16, 1, 1, rows=rows)
+    cfg = ops.LaunchConfig(16, 16, 1, 2, rows=rows, pipeline_all_loads=pipeline_all_loads)
     monkeypatch.setattr(ops, "forward_config", lambda *args: cfg)
     q, k, v, bias, mask = make_inputs(1, 2, 5, 16, torch.float32, masked=True)
     want = attention_reference(q.double(), k.double(), v.double(), bias.double(), 0.5, mask)
@@ -180,10 +181,13 @@ def test_every_rows_per_program_variant_of_the_forward(monkeypatch, rows):
 
 
 @pytest.mark.parametrize("rows", [1, 2])
-def test_every_rows_per_program_variant_of_the_backward(monkeypatch, rows):
+@pytest.mark.parametrize("pipeline_all_loads", [False, True])
+def test_every_rows_per_program_variant_of_the_backward(monkeypatch, rows, pipeline_all_loads):
     """dq and dk/dv kernels handle 1 or 2 rows i per program; L = 5 leaves a lone last row."""
-    cfg = ops.LaunchConfig(16, 16, 1, 1, rows=rows)
-    monkeypatch.setattr(ops, "backward_config", lambda *args: cfg)
+    cfg = ops.LaunchConfig(16, 16, 1, 2, rows=rows, pipeline_all_loads=pipeline_all_loads)
+    monkeypatch.setattr(ops, "dq_config", lambda *args: cfg)
+    monkeypatch.setattr(ops, "dkdv_config", lambda *args: cfg)
+    monkeypatch.setattr(ops, "dbias_config", lambda *args: cfg)
     q, k, v, bias, mask = make_inputs(1, 2, 5, 16, torch.float32, masked=True)
     dout = torch.randn_like(q)
     got = forward_and_grads(attention, q, k, v, bias, dout, scale=0.5, mask=mask)

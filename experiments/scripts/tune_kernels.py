@@ -2,12 +2,12 @@
 against FlexAttention, in one process (one device call). Not part of the published
 pipeline (that is `python -m flash_tt_attn.bench`); its raw output goes to PERF.md.
 
-Usage: python experiments/scripts/tune_kernels.py OUT_DIR [--quick]
+Usage: python experiments/scripts/tune_kernels.py OUT_DIR [--quick] [--wide]
+       ncu ... python experiments/scripts/tune_kernels.py OUT_DIR --ncu [--pipelined]
 """
 
 import json
 import sys
-import time
 
 import torch
 import triton
@@ -17,6 +17,7 @@ from flash_tt_attn.reference import attention_chunked
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "."
 QUICK = "--quick" in sys.argv
+WIDE = "--wide" in sys.argv  # head dims 64 and 128 only (otherwise head dim 32 only)
 rows = []
 
 
@@ -105,96 +106,126 @@ def bench(fn, grad_inputs=None, mode="fwd"):
     return ms, p20, p80, peak
 
 
+CHOOSERS = ("forward_config", "dq_config", "dkdv_config", "dbias_config")
+
+
+def with_configs(configs, fn, *args):
+    """fn(*args) with some kernel configs fixed: configs maps a chooser name to LaunchConfig args."""
+    saved = {name: getattr(ops, name) for name in CHOOSERS}
+    try:
+        for name, values in configs.items():
+            setattr(ops, name, fixed(values))
+        return fn(*args)
+    finally:
+        for name, chooser in saved.items():
+            setattr(ops, name, chooser)
+
+
+def time_target(target, fv, bv, all_pipe):
+    B, H, L, D, dtype = target
+    q, k, v, bias = make(B, H, L, D, dtype)
+    inputs = (q, k, v, bias)
+    shape = dict(B=B, H=H, L=L, D=D, dtype=str(dtype))
+
+    def call():
+        return attention(q, k, v, bias)
+    for mode, variants in (("fwd", fv), ("fwd_bwd", bv)):
+        for name, var in variants.items():
+            configs = ({"forward_config": var} if var else {}) if mode == "fwd" else dict(var)
+            try:
+                ms, p20, p80, peak = with_configs(configs, bench, call, inputs, mode)
+                log(kind="time", provider="flash_tt_attn", mode=mode, cfg=name, ms=ms, p20=p20, p80=p80,
+                    peak_mb=peak, **shape)
+            except Exception as e:  # noqa: BLE001
+                log(kind="time", provider="flash_tt_attn", mode=mode, cfg=name, error=repr(e)[:300], **shape)
+        try:
+            fn, ins = flex_setup(q, k, v, bias)
+            ms, p20, p80, peak = bench(fn, ins, mode)
+            log(kind="time", provider="flex", mode=mode, ms=ms, p20=p20, p80=p80, peak_mb=peak, **shape)
+        except Exception as e:  # noqa: BLE001
+            log(kind="time", provider="flex", mode=mode, error=repr(e)[:300], **shape)
+    if L != 512 or D != 32:
+        return
+    # where the time goes, per kernel: defaults, then everything pipelined
+    do = torch.randn_like(q)
+
+    def profile():
+        for _ in range(2):
+            torch.autograd.grad(call(), inputs, do)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                torch.autograd.grad(call(), inputs, do)
+            torch.cuda.synchronize()
+        return prof
+    for tag, configs in (("default", {}), ("all pipelined", all_pipe)):
+        prof = with_configs(configs, profile)
+        for evt in prof.key_averages():
+            if evt.device_time_total > 0:
+                log(kind="profile", cfg=tag, name=evt.key[:60], ms_per_call=evt.device_time_total / 5 / 1000,
+                    calls=evt.count)
+
+
 def main():
     dev = torch.cuda.get_device_name()
     log(kind="env", gpu=dev, torch=torch.__version__, triton=triton.__version__)
-    # 1. correctness of the default configs
-    shapes = [(2, 3, 17, 32), (1, 2, 100, 64), (1, 1, 129, 128), (1, 2, 256, 32), (1, 1, 63, 16)]
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for (B, H, L, D) in shapes:
-            for masked in (False, True):
-                t = time.time()
-                errs, nan = check(B, H, L, D, dtype, masked)
-                log(kind="check", dtype=str(dtype), B=B, H=H, L=L, D=D, masked=masked, errs=errs, nan=nan,
-                    s=round(time.time() - t, 2))
-    # 2. determinism
-    q, k, v, bias = make(2, 4, 96, 32, torch.float16)
-    do = torch.randn_like(q)
-    first = None
-    same = True
-    for _ in range(20):
-        o = attention(q, k, v, bias)
-        g = torch.autograd.grad(o, (q, k, v, bias), do)
-        cur = [o] + list(g)
-        if first is None:
-            first = [x.clone() for x in cur]
-        else:
-            same &= all(torch.equal(a, b) for a, b in zip(first, cur, strict=True))
-    log(kind="determinism", repeats=20, bitwise_equal=bool(same))
+    # Variants: LaunchConfig(block_j, block_k, num_warps, num_stages, rows, pipeline_all_loads).
+    P = True
+    fwd32 = {"F0": None, "F1": (64, 64, 4, 3, 2, P), "F3": (64, 64, 4, 3, 1, P),
+             "F4": (64, 64, 4, 2, 1, P), "F5": (128, 64, 8, 3, 1, P)}
+    bwd32 = {"B0": {}, "B1": {"dq_config": (64, 64, 4, 3, 1, P)}, "B2": {"dkdv_config": (64, 64, 4, 3, 1, P)},
+             "B3": {"dbias_config": (64, 64, 4, 3, 1, P)},
+             "B4": {"dq_config": (64, 64, 4, 3, 1, P), "dbias_config": (64, 64, 4, 3, 1, P)},
+             "B5": {"dq_config": (64, 64, 4, 3, 2, P), "dbias_config": (64, 64, 4, 3, 1, P)}}
+    fwd128 = {"F0": None, "G1": (64, 64, 4, 2, 1, P), "G2": (128, 64, 8, 2, 1, P), "G3": (128, 32, 8, 3, 1, P),
+              "G4": (64, 32, 4, 2, 1, P)}
+    bwd128 = {"B0": {}, "H1": {"dq_config": (64, 64, 8, 2, 1, P), "dkdv_config": (64, 64, 8, 2, 1, P),
+                               "dbias_config": (64, 64, 8, 2, 1, P)},
+              "H2": {"dq_config": (64, 64, 4, 2, 1, P), "dkdv_config": (64, 64, 8, 2, 1, P),
+                     "dbias_config": (64, 32, 4, 2, 1, P)},
+              "H3": {"dq_config": (64, 32, 4, 2, 1, P), "dkdv_config": (64, 64, 8, 2, 1, P),
+                     "dbias_config": (64, 64, 8, 2, 1, P)}}
+    fwd64 = {"F0": None, "F3": (64, 64, 4, 3, 1, P), "F6": (128, 64, 8, 3, 1, P)}
+    bwd64 = {"B0": {}, "B4": bwd32["B4"], "B6": {"dq_config": (64, 64, 4, 3, 1, P), "dkdv_config": (64, 64, 4, 3, 1, P),
+                                                 "dbias_config": (64, 64, 4, 3, 1, P)}}
 
-    # 2b. the D=64 backward: which launch configs give right gradients
-    orig_b = ops.backward_config
-    for var in [None, (64, 64, 4, 3, 1)]:
-        if var is not None:
-            ops.backward_config = fixed(var)
-        for masked in (False, True):
-            errs, nan = check(1, 2, 100, 64, torch.float16, masked)
-            log(kind="check", dtype="torch.float16", B=1, H=2, L=100, D=64, masked=masked, errs=errs, nan=nan,
-                cfg=var)
-        ops.backward_config = orig_b
-    # 2c. where the backward's time goes (kernel times from the profiler)
-    q, k, v, bias = make(4, 8, 512, 32, torch.float16)
-    do = torch.randn_like(q)
-    for _ in range(2):
-        torch.autograd.grad(attention(q, k, v, bias), (q, k, v, bias), do)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            torch.autograd.grad(attention(q, k, v, bias), (q, k, v, bias), do)
-        torch.cuda.synchronize()
-    for evt in prof.key_averages():
-        if evt.device_time_total > 0:
-            log(kind="profile", name=evt.key[:60], ms_per_call=evt.device_time_total / 5 / 1000, calls=evt.count)
-    del q, k, v, bias, do
+    # 1. correctness of the defaults and of each kernel variant against the fp64 reference: an even L
+    #    (the unmasked code the timings run) in fp16, and an odd L with a mask in fp16 and bf16.
+    groups = [(32, fwd32, bwd32, 128, 33), (64, fwd64, bwd64, 128, 100), (128, fwd128, bwd128, 128, 129)]
+    groups = [g for g in groups if (g[0] == 32) != WIDE]
+    for D, fv, bv, even_L, odd_L in groups:
+        variants = [("default", {})] + [(f, {"forward_config": fv[f]}) for f in fv if fv[f]] \
+            + [(b, bv[b]) for b in bv if bv[b] and b != "B4"]
+        for dtype, L, masked in ((torch.float16, even_L, False), (torch.float16, odd_L, True),
+                                 (torch.bfloat16, odd_L, True)):
+            B, H = (2, 3) if D == 32 else (1, 2)
+            for name, configs in variants:
+                errs, nan = with_configs(configs, check, B, H, L, D, dtype, masked)
+                log(kind="check", dtype=str(dtype), B=B, H=H, L=L, D=D, masked=masked, errs=errs, nan=nan, cfg=name)
+    # 2. determinism of the pipelined variants
+    det_inputs = make(2, 4, 96, 32, torch.float16)
+    det_dout = torch.randn_like(det_inputs[0])
 
-    # 3. timings: default config vs variants vs flex
-    targets = [(4, 8, 256, 32, torch.float16), (4, 8, 512, 32, torch.float16), (1, 4, 1024, 32, torch.bfloat16)]
+    def grads_once():
+        o = attention(*det_inputs)
+        return [o] + list(torch.autograd.grad(o, det_inputs, det_dout))
+    all_pipe = {"forward_config": fwd32["F1"], "dq_config": (64, 64, 4, 3, 1, P),
+                "dkdv_config": (64, 64, 4, 3, 1, P), "dbias_config": (64, 64, 4, 3, 1, P)}
+    first = with_configs(all_pipe, grads_once)
+    same = all(all(torch.equal(a, b) for a, b in zip(first, with_configs(all_pipe, grads_once), strict=True))
+               for _ in range(20))
+    log(kind="determinism", repeats=20, bitwise_equal=bool(same), cfg="all pipelined")
+
+    # 3. timings: variants vs flex, one process
+    targets = [((4, 8, 256, 32, torch.float16), fwd32, bwd32), ((4, 8, 512, 32, torch.float16), fwd32, bwd32),
+               ((1, 4, 1024, 32, torch.bfloat16), fwd32, bwd32), ((1, 4, 512, 64, torch.bfloat16), fwd64, bwd64),
+               ((1, 4, 512, 128, torch.bfloat16), fwd128, bwd128)]
     if not QUICK:
-        targets += [(4, 8, 768, 32, torch.float16)]
-    # (forward config or None, fast exp2)
-    fwd_variants = [(None, True), ((64, 64, 4, 3, 2), True), ((64, 64, 8, 3, 4), True), ((64, 32, 4, 3, 4), True),
-                    ((128, 64, 8, 3, 4), True), ((64, 64, 4, 2, 4), True)]
-    # (dq/dkdv config, dbias config, fast exp2)
-    bwd_variants = [(None, None, True), ((64, 64, 4, 3, 1), None, True), ((64, 64, 8, 3, 2), None, True),
-                    ((64, 32, 4, 3, 2), None, True), ((32, 64, 4, 3, 2), None, True), ((64, 64, 4, 2, 2), None, True)]
-    orig_f, orig_b, orig_d = ops.forward_config, ops.backward_config, ops.dbias_config
-    for (B, H, L, D, dtype) in targets:
-        q, k, v, bias = make(B, H, L, D, dtype)
-        shape = dict(B=B, H=H, L=L, D=D, dtype=str(dtype))
-        for mode, variants in (("fwd", fwd_variants), ("fwd_bwd", bwd_variants)):
-            for var in variants:
-                ops.FAST_EXP2 = var[-1]
-                if mode == "fwd" and var[0] is not None:
-                    ops.forward_config = fixed(var[0])
-                if mode == "fwd_bwd" and var[0] is not None:
-                    ops.backward_config = fixed(var[0])
-                if mode == "fwd_bwd" and var[1] is not None:
-                    ops.dbias_config = fixed(var[1])
-                try:
-                    ms, p20, p80, peak = bench(lambda q=q, k=k, v=v, bias=bias: attention(q, k, v, bias),
-                                               (q, k, v, bias), mode)
-                    log(kind="time", provider="flash_tt_attn", mode=mode, cfg=var, ms=ms, p20=p20, p80=p80,
-                        peak_mb=peak, **shape)
-                except Exception as e:  # noqa: BLE001
-                    log(kind="time", provider="flash_tt_attn", mode=mode, cfg=var, error=repr(e)[:300], **shape)
-                ops.forward_config, ops.backward_config, ops.dbias_config = orig_f, orig_b, orig_d
-                ops.FAST_EXP2 = True
-            try:
-                fn, ins = flex_setup(q, k, v, bias)
-                ms, p20, p80, peak = bench(fn, ins, mode)
-                log(kind="time", provider="flex", mode=mode, ms=ms, p20=p20, p80=p80, peak_mb=peak, **shape)
-            except Exception as e:  # noqa: BLE001
-                log(kind="time", provider="flex", mode=mode, error=repr(e)[:300], **shape)
-        del q, k, v, bias
+        targets.insert(2, ((4, 8, 768, 32, torch.float16), {k: fwd32[k] for k in ("F0", "F1", "F3")},
+                           {k: bwd32[k] for k in ("B0", "B4")}))
+    for target, fv, bv in targets:
+        if (target[3] == 32) == WIDE:
+            continue
+        time_target(target, fv, bv, all_pipe)
         torch.cuda.empty_cache()
 
     print("\nSUMMARY")
@@ -211,5 +242,22 @@ def main():
             print(r)
 
 
+def profile_target():
+    """For `ncu`: three forward and backward calls at B=4 H=8 L=512 D=32 fp16 with the configs named on the
+    command line (--pipelined: every kernel with pipeline_all_loads)."""
+    q, k, v, bias = make(4, 8, 512, 32, torch.float16)
+    do = torch.randn_like(q)
+    configs = {}
+    if "--pipelined" in sys.argv:
+        configs = {"forward_config": (64, 64, 4, 3, 2, True), "dq_config": (64, 64, 4, 3, 1, True),
+                   "dkdv_config": (64, 64, 4, 3, 1, True), "dbias_config": (64, 64, 4, 3, 1, True)}
+
+    def run():
+        for _ in range(3):
+            torch.autograd.grad(attention(q, k, v, bias), (q, k, v, bias), do)
+        torch.cuda.synchronize()
+    with_configs(configs, run)
+
+
 if __name__ == "__main__":
-    main()
+    profile_target() if "--ncu" in sys.argv else main()

@@ -92,6 +92,7 @@ def attention_bwd_dq_kernel(
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_EXP2: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -129,7 +130,7 @@ def attention_bwd_dq_kernel(
             True, Q_PRESCALED, ACC_DTYPE)
         dq1 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
 
-    for k_start in range(0, L, BLOCK_K):
+    for k_start in tl.range(0, L, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_in = offs_k < L
         k_rel = offs_k[:, None].to(tl.int64) * stride_kk + offs_d[None, :] * stride_kd
@@ -221,6 +222,7 @@ def attention_bwd_dkdv_kernel(
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_EXP2: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
     k_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -255,7 +257,7 @@ def attention_bwd_dkdv_kernel(
     lse_base = b * stride_lb + h * stride_lh
     bias_base = BIAS + b * stride_bb + h * stride_bh + offs_k64 * stride_bk
 
-    for j_start in range(0, L, BLOCK_J):
+    for j_start in tl.range(0, L, BLOCK_J, num_stages=LOOP_STAGES):
         offs_j = j_start + tl.arange(0, BLOCK_J)
         j_in = offs_j < L
         q_rel = offs_j[:, None].to(tl.int64) * stride_qj + offs_d[None, :] * stride_qd
@@ -311,6 +313,7 @@ def attention_bwd_dbias_kernel(
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_EXP2: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
     jk_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -338,7 +341,7 @@ def attention_bwd_dbias_kernel(
     row_start = split * rows_per_split
     num_rows = tl.minimum(rows_per_split, R - row_start)
     dbias = tl.zeros([BLOCK_J, BLOCK_K], dtype=ACC_DTYPE)
-    for r in range(0, num_rows):
+    for r in tl.range(0, num_rows, num_stages=LOOP_STAGES):
         row = (row_start + r).to(tl.int64)
         q_ptrs = Q + b * stride_qb + h * stride_qh + row * stride_qi + offs_j64 * stride_qj \
             + offs_d[None, :] * stride_qd

@@ -106,6 +106,7 @@ def attention_fwd_kernel(
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_EXP2: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -143,7 +144,7 @@ def attention_fwd_kernel(
         q3, m3, l3, acc3, ok3_j, ok3_k = _start_row(q_base, q_rel, row0 + 3, stride_qi, R, scale, offs_j, j_in,
                                                     BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
 
-    for k_start in range(0, L, BLOCK_K):
+    for k_start in tl.range(0, L, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_in = offs_k < L
         kt_rel = offs_k[None, :].to(tl.int64) * stride_kk + offs_d[:, None] * stride_kd
