@@ -75,7 +75,7 @@ def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.devi
         return LaunchConfig(64, 32, 4, 2)
     if head_dim == 64:
         return LaunchConfig(64, 64, 4, 3)
-    return LaunchConfig(64, 64, 4, 3, rows=2)
+    return LaunchConfig(64, 64, 4, 3, rows=2, pipeline_all_loads=True)
 
 
 def dq_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
@@ -84,11 +84,12 @@ def dq_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -
         return _interpreter_config(L, rows=1)  # the GPU's row count; tests patch in 2
     if dtype in (torch.float32, torch.float64) or head_dim >= 128:
         return LaunchConfig(32, 32, 4, 1)
-    return LaunchConfig(64, 64, 4, 3, rows=1)
+    return LaunchConfig(64, 64, 4, 3, rows=1, pipeline_all_loads=True)
 
 
 def dkdv_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """Tiles for the dk/dv backward kernel (rows i per program: 1 or 2)."""
+    """Tiles for the dk/dv backward kernel (rows i per program: 1 or 2). Pipelining every load made it
+    slower (probe 6: the transposed bias and the lse/delta vectors cost more to stage than they wait)."""
     if device.type != "cuda":
         return _interpreter_config(L, rows=1)  # the GPU's row count; tests patch in 2
     if dtype in (torch.float32, torch.float64) or head_dim >= 128:
@@ -102,7 +103,7 @@ def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device
         return _interpreter_config(L, rows=1)
     if dtype in (torch.float32, torch.float64) or head_dim >= 128:
         return LaunchConfig(32, 32, 4, 1)
-    return LaunchConfig(64, 64, 4, 3)
+    return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -138,6 +139,13 @@ def _tile_args(L: int, cfg: LaunchConfig) -> dict:
 
 def _launch_options(cfg: LaunchConfig) -> dict:
     return dict(LOOP_STAGES=cfg.loop_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _row_offset_dtype(L: int, *tensors: torch.Tensor):
+    """Integer type of the offsets inside one row i's (L, D) slice: int32 when every such offset fits
+    (fewer address instructions in the kernels' main loops), int64 otherwise (huge strides)."""
+    span = max((L - 1) * abs(t.stride(3)) + (t.shape[4] - 1) * abs(t.stride(4)) for t in tensors)
+    return tl.int32 if span < 2**31 else tl.int64
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -195,7 +203,8 @@ def attention_fwd(
         HAS_MASK=has_mask, EVEN_L=_even(L, cfg), Q_PRESCALED=_q_prescaled(q.dtype, scale), ROWS=cfg.rows,
         BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
-        FAST_EXP2=_fast_exp2(q.dtype, q.device), **_launch_options(cfg),
+        FAST_EXP2=_fast_exp2(q.dtype, q.device), ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
+        **_launch_options(cfg),
     )
     return out, lse
 
@@ -226,7 +235,8 @@ def attention_bwd(
         q, k, v, bias, mask_t, out, dout, lse, delta, dq,
         *q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
-        H, R, L, scale, ROWS=cfg.rows, **common, **_tile_args(L, cfg), **_launch_options(cfg),
+        H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
+        **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
     cfg = dkdv_config(L, D, q.dtype, q.device)
     if cfg.rows not in (1, 2):
@@ -235,7 +245,8 @@ def attention_bwd(
         q, k, v, bias, mask_t, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
-        H, R, L, scale, ROWS=cfg.rows, **common, **_tile_args(L, cfg), **_launch_options(cfg),
+        H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, q, dout),
+        **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
     cfg = dbias_config(L, D, q.dtype, q.device)
     splits = dbias_splits(B, H, R, L, D, cfg)

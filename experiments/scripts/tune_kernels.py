@@ -17,7 +17,8 @@ from flash_tt_attn.reference import attention_chunked
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "."
 QUICK = "--quick" in sys.argv
-WIDE = "--wide" in sys.argv  # head dims 64 and 128 only (otherwise head dim 32 only)
+WIDE = "--wide" in sys.argv  # head dims 64 and 128 only
+BOTH = "--all-head-dims" in sys.argv
 rows = []
 
 
@@ -170,12 +171,11 @@ def main():
     log(kind="env", gpu=dev, torch=torch.__version__, triton=triton.__version__)
     # Variants: LaunchConfig(block_j, block_k, num_warps, num_stages, rows, pipeline_all_loads).
     P = True
-    fwd32 = {"F0": None, "F1": (64, 64, 4, 3, 2, P), "F3": (64, 64, 4, 3, 1, P),
-             "F4": (64, 64, 4, 2, 1, P), "F5": (128, 64, 8, 3, 1, P)}
-    bwd32 = {"B0": {}, "B1": {"dq_config": (64, 64, 4, 3, 1, P)}, "B2": {"dkdv_config": (64, 64, 4, 3, 1, P)},
-             "B3": {"dbias_config": (64, 64, 4, 3, 1, P)},
-             "B4": {"dq_config": (64, 64, 4, 3, 1, P), "dbias_config": (64, 64, 4, 3, 1, P)},
-             "B5": {"dq_config": (64, 64, 4, 3, 2, P), "dbias_config": (64, 64, 4, 3, 1, P)}}
+    # Probe 7 (defaults: forward F1, dq and dbias pipelined, dk/dv not): F0 is now F1.
+    fwd32 = {"F0": None, "F7": (64, 32, 4, 3, 2, P), "F8": (64, 32, 4, 2, 2, P), "F3": (64, 64, 4, 3, 1, P),
+             "F9": (64, 64, 4, 3, 2, False)}
+    bwd32 = {"B0": {}, "B1": {"dq_config": (64, 64, 4, 3, 1, False)}, "B2": {"dkdv_config": (64, 64, 4, 3, 1, P)},
+             "B3": {"dbias_config": (64, 64, 4, 3, 1, False)}, "B8": {"dkdv_config": (32, 64, 4, 3, 1, False)}}
     fwd128 = {"F0": None, "G1": (64, 64, 4, 2, 1, P), "G2": (128, 64, 8, 2, 1, P), "G3": (128, 32, 8, 3, 1, P),
               "G4": (64, 32, 4, 2, 1, P)}
     bwd128 = {"B0": {}, "H1": {"dq_config": (64, 64, 8, 2, 1, P), "dkdv_config": (64, 64, 8, 2, 1, P),
@@ -183,18 +183,21 @@ def main():
               "H2": {"dq_config": (64, 64, 4, 2, 1, P), "dkdv_config": (64, 64, 8, 2, 1, P),
                      "dbias_config": (64, 32, 4, 2, 1, P)},
               "H3": {"dq_config": (64, 32, 4, 2, 1, P), "dkdv_config": (64, 64, 8, 2, 1, P),
+                     "dbias_config": (64, 64, 8, 2, 1, P)},
+              "H4": {"dq_config": (64, 64, 8, 2, 1, P), "dkdv_config": (64, 64, 8, 2, 1, False),
                      "dbias_config": (64, 64, 8, 2, 1, P)}}
     fwd64 = {"F0": None, "F3": (64, 64, 4, 3, 1, P), "F6": (128, 64, 8, 3, 1, P)}
-    bwd64 = {"B0": {}, "B4": bwd32["B4"], "B6": {"dq_config": (64, 64, 4, 3, 1, P), "dkdv_config": (64, 64, 4, 3, 1, P),
+    bwd64 = {"B0": {}, "B9": {"dq_config": (64, 64, 4, 3, 1, False), "dbias_config": (64, 64, 4, 3, 1, False)},
+             "B6": {"dq_config": (64, 64, 4, 3, 1, P), "dkdv_config": (64, 64, 4, 3, 1, P),
                                                  "dbias_config": (64, 64, 4, 3, 1, P)}}
 
     # 1. correctness of the defaults and of each kernel variant against the fp64 reference: an even L
     #    (the unmasked code the timings run) in fp16, and an odd L with a mask in fp16 and bf16.
     groups = [(32, fwd32, bwd32, 128, 33), (64, fwd64, bwd64, 128, 100), (128, fwd128, bwd128, 128, 129)]
-    groups = [g for g in groups if (g[0] == 32) != WIDE]
+    groups = [g for g in groups if BOTH or (g[0] == 32) != WIDE]
     for D, fv, bv, even_L, odd_L in groups:
         variants = [("default", {})] + [(f, {"forward_config": fv[f]}) for f in fv if fv[f]] \
-            + [(b, bv[b]) for b in bv if bv[b] and b != "B4"]
+            + [(b, bv[b]) for b in bv if bv[b] and b not in ("B1", "B3", "B4")]
         for dtype, L, masked in ((torch.float16, even_L, False), (torch.float16, odd_L, True),
                                  (torch.bfloat16, odd_L, True)):
             B, H = (2, 3) if D == 32 else (1, 2)
@@ -208,7 +211,7 @@ def main():
     def grads_once():
         o = attention(*det_inputs)
         return [o] + list(torch.autograd.grad(o, det_inputs, det_dout))
-    all_pipe = {"forward_config": fwd32["F1"], "dq_config": (64, 64, 4, 3, 1, P),
+    all_pipe = {"forward_config": (64, 64, 4, 3, 2, P), "dq_config": (64, 64, 4, 3, 1, P),
                 "dkdv_config": (64, 64, 4, 3, 1, P), "dbias_config": (64, 64, 4, 3, 1, P)}
     first = with_configs(all_pipe, grads_once)
     same = all(all(torch.equal(a, b) for a, b in zip(first, with_configs(all_pipe, grads_once), strict=True))
@@ -220,10 +223,10 @@ def main():
                ((1, 4, 1024, 32, torch.bfloat16), fwd32, bwd32), ((1, 4, 512, 64, torch.bfloat16), fwd64, bwd64),
                ((1, 4, 512, 128, torch.bfloat16), fwd128, bwd128)]
     if not QUICK:
-        targets.insert(2, ((4, 8, 768, 32, torch.float16), {k: fwd32[k] for k in ("F0", "F1", "F3")},
-                           {k: bwd32[k] for k in ("B0", "B4")}))
+        targets.insert(2, ((4, 8, 768, 32, torch.float16), {k: fwd32[k] for k in ("F0", "F7")},
+                           {k: bwd32[k] for k in ("B0",)}))
     for target, fv, bv in targets:
-        if (target[3] == 32) == WIDE:
+        if not BOTH and (target[3] == 32) == WIDE:
             continue
         time_target(target, fv, bv, all_pipe)
         torch.cuda.empty_cache()

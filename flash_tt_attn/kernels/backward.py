@@ -93,6 +93,7 @@ def attention_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     FAST_EXP2: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
+    ROW_OFFSET_DTYPE: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -133,8 +134,8 @@ def attention_bwd_dq_kernel(
     for k_start in tl.range(0, L, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_in = offs_k < L
-        k_rel = offs_k[:, None].to(tl.int64) * stride_kk + offs_d[None, :] * stride_kd
-        vt_rel = offs_k[None, :].to(tl.int64) * stride_vk + offs_d[:, None] * stride_vd
+        k_rel = offs_k[:, None].to(ROW_OFFSET_DTYPE) * stride_kk + offs_d[None, :] * stride_kd
+        vt_rel = offs_k[None, :].to(ROW_OFFSET_DTYPE) * stride_vk + offs_d[:, None] * stride_vd
         bias_ptrs = bias_base + offs_k[None, :] * stride_bk
         if EVEN_L:
             bias = tl.load(bias_ptrs).to(ACC_DTYPE)
@@ -160,8 +161,11 @@ def attention_bwd_dq_kernel(
 def _dkdv_row_step(k_tile, v_tile, keep, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, bias_t, dk, dv, j_in, scale,
                    LOAD_MASKED: tl.constexpr, APPLY_KEEP: tl.constexpr, Q_PRESCALED: tl.constexpr,
                    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr):
-    """One query block of one row, transposed (rows are keys): dv += pᵀ·dO, dk += dsᵀ·q (q prescaled, or the
-    caller multiplies dk by the scale at the end)."""
+    """One query block of one row, transposed (rows are keys): dv += pᵀ·dO, dk += dsᵀ·q.
+
+    k_tile arrives prescaled (k·scale) when Q_PRESCALED, so q tiles are used as loaded: scaling them here
+    would send every q tile through registers and back to shared memory. dk then lacks the scale, which
+    the caller applies once at the end."""
     if LOAD_MASKED:
         q_tile = tl.load(q_ptrs, mask=j_in[:, None], other=0.0)
         do_tile = tl.load(do_ptrs, mask=j_in[:, None], other=0.0)
@@ -172,7 +176,6 @@ def _dkdv_row_step(k_tile, v_tile, keep, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, 
         do_tile = tl.load(do_ptrs)
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
-    q_tile = prescale(q_tile, scale, Q_PRESCALED)
     st = scores(k_tile, tl.trans(q_tile), bias_t, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
     pt = exp2(st * 1.4426950408889634 - lse[None, :], FAST_EXP2)
     if APPLY_KEEP:
@@ -180,13 +183,14 @@ def _dkdv_row_step(k_tile, v_tile, keep, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, 
     dv += tl.dot(pt.to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     dpt = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     dst = pt * (dpt - delta[None, :])
-    # dk = scale · Σ_j ds[j, k] q[j]: a prescaled q carries the scale.
     dk += tl.dot(dst.to(q_tile.dtype), q_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_row_start(k_ptrs, v_ptrs, mask_ptrs, k_in, LOAD_MASKED: tl.constexpr, HAS_MASK: tl.constexpr):
+def _dkdv_row_start(k_ptrs, v_ptrs, mask_ptrs, k_in, scale, LOAD_MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
+                    Q_PRESCALED: tl.constexpr):
+    """One row's k block (times the scale when Q_PRESCALED: s = (k·scale)·qᵀ + bias), v block and key mask."""
     if LOAD_MASKED:
         k_tile = tl.load(k_ptrs, mask=k_in[:, None], other=0.0)
         v_tile = tl.load(v_ptrs, mask=k_in[:, None], other=0.0)
@@ -196,7 +200,7 @@ def _dkdv_row_start(k_ptrs, v_ptrs, mask_ptrs, k_in, LOAD_MASKED: tl.constexpr, 
     keep = k_in
     if HAS_MASK:
         keep = keep & (tl.load(mask_ptrs, mask=k_in, other=0) != 0)
-    return k_tile, v_tile, keep
+    return prescale(k_tile, scale, Q_PRESCALED), v_tile, keep
 
 
 @triton.jit
@@ -223,6 +227,7 @@ def attention_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     FAST_EXP2: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
+    ROW_OFFSET_DTYPE: tl.constexpr,
 ):
     k_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -240,7 +245,7 @@ def attention_bwd_dkdv_kernel(
     v_base = V + b * stride_vb + h * stride_vh + offs_k64 * stride_vk + offs_d[None, :] * stride_vd
     mask_base = MASK + b * stride_mb + offs_k * stride_mk
     k0, v0, keep0 = _dkdv_row_start(k_base + row0 * stride_ki, v_base + row0 * stride_vi,
-                                    mask_base + row0 * stride_mi, k_in, not EVEN_L, HAS_MASK)
+                                    mask_base + row0 * stride_mi, k_in, scale, not EVEN_L, HAS_MASK, Q_PRESCALED)
     dk0 = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
     dv0 = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
     if ROWS == 2:
@@ -248,7 +253,7 @@ def attention_bwd_dkdv_kernel(
         k_in1 = k_in & ((offs_k * 0 + row1) < R)
         j_in1_row = (tl.arange(0, BLOCK_J) * 0 + row1) < R
         k1, v1, keep1 = _dkdv_row_start(k_base + row1 * stride_ki, v_base + row1 * stride_vi,
-                                        mask_base + row1 * stride_mi, k_in1, True, HAS_MASK)
+                                        mask_base + row1 * stride_mi, k_in1, scale, True, HAS_MASK, Q_PRESCALED)
         dk1 = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
         dv1 = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
 
@@ -260,8 +265,8 @@ def attention_bwd_dkdv_kernel(
     for j_start in tl.range(0, L, BLOCK_J, num_stages=LOOP_STAGES):
         offs_j = j_start + tl.arange(0, BLOCK_J)
         j_in = offs_j < L
-        q_rel = offs_j[:, None].to(tl.int64) * stride_qj + offs_d[None, :] * stride_qd
-        do_rel = offs_j[:, None].to(tl.int64) * stride_doj + offs_d[None, :] * stride_dod
+        q_rel = offs_j[:, None].to(ROW_OFFSET_DTYPE) * stride_qj + offs_d[None, :] * stride_qd
+        do_rel = offs_j[:, None].to(ROW_OFFSET_DTYPE) * stride_doj + offs_d[None, :] * stride_dod
         lse_rel = lse_base + offs_j * stride_lj
         bias_ptrs = bias_base + offs_j[None, :] * stride_bj
         if EVEN_L:
@@ -281,10 +286,10 @@ def attention_bwd_dkdv_kernel(
 
     dk_base = DK + b * stride_dkb + h * stride_dkh + offs_k64 * stride_dkk + offs_d[None, :] * stride_dkd
     dv_base = DV + b * stride_dvb + h * stride_dvh + offs_k64 * stride_dvk + offs_d[None, :] * stride_dvd
-    if not Q_PRESCALED:
-        dk0 = dk0 * scale
-        if ROWS == 2:
-            dk1 = dk1 * scale
+    # dk = scale · Σ_j ds[j, k] q[j], with q as loaded (the scale went into k's copy, or onto s).
+    dk0 = dk0 * scale
+    if ROWS == 2:
+        dk1 = dk1 * scale
     tl.store(dk_base + row0 * stride_dki, dk0.to(DK.dtype.element_ty), mask=k_in[:, None])
     tl.store(dv_base + row0 * stride_dvi, dv0.to(DV.dtype.element_ty), mask=k_in[:, None])
     if ROWS == 2:

@@ -107,6 +107,7 @@ def attention_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     FAST_EXP2: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
+    ROW_OFFSET_DTYPE: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -147,8 +148,8 @@ def attention_fwd_kernel(
     for k_start in tl.range(0, L, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_in = offs_k < L
-        kt_rel = offs_k[None, :].to(tl.int64) * stride_kk + offs_d[:, None] * stride_kd
-        v_rel = offs_k[:, None].to(tl.int64) * stride_vk + offs_d[None, :] * stride_vd
+        kt_rel = offs_k[None, :].to(ROW_OFFSET_DTYPE) * stride_kk + offs_d[:, None] * stride_kd
+        v_rel = offs_k[:, None].to(ROW_OFFSET_DTYPE) * stride_vk + offs_d[None, :] * stride_vd
         mask_rel = offs_k * stride_mk
         bias_ptrs = bias_base + offs_k[None, :] * stride_bk
         if EVEN_L:
