@@ -25,6 +25,7 @@ from .kernels.backward import (
     attention_bwd_dbias_kernel,
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
+    sum_row_splits_kernel,
 )
 from .kernels.forward import attention_fwd_kernel
 
@@ -67,14 +68,18 @@ def _interpreter_config(L: int, rows: int) -> LaunchConfig:
     return LaunchConfig(block, block, 1, 1, rows=rows)
 
 
+# Probes 6 and 7 (experiments/tuning/) chose these on the H100; PERF.md has the numbers. fp32 (and fp64,
+# which the API routes to the reference on CUDA) runs its products on the FMA units: small tiles, untuned.
 def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """Tiles for the forward kernel (rows i per program: 1, 2 or 4); PERF.md says how they were chosen."""
+    """Tiles for the forward kernel (rows i per program: 1, 2 or 4)."""
     if device.type != "cuda":
         return _interpreter_config(L, rows=2)  # the GPU's row count; tests patch in 1 and 4
-    if dtype in (torch.float32, torch.float64) or head_dim >= 128:
+    if dtype in (torch.float32, torch.float64):
         return LaunchConfig(64, 32, 4, 2)
+    if head_dim >= 128:
+        return LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True)
     if head_dim == 64:
-        return LaunchConfig(64, 64, 4, 3)
+        return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
     return LaunchConfig(64, 64, 4, 3, rows=2, pipeline_all_loads=True)
 
 
@@ -82,27 +87,34 @@ def dq_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -
     """Tiles for the dq backward kernel (rows i per program: 1 or 2)."""
     if device.type != "cuda":
         return _interpreter_config(L, rows=1)  # the GPU's row count; tests patch in 2
-    if dtype in (torch.float32, torch.float64) or head_dim >= 128:
+    if dtype in (torch.float32, torch.float64):
         return LaunchConfig(32, 32, 4, 1)
-    return LaunchConfig(64, 64, 4, 3, rows=1, pipeline_all_loads=True)
+    if head_dim >= 128:
+        return LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True)
+    return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
 
 
 def dkdv_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """Tiles for the dk/dv backward kernel (rows i per program: 1 or 2). Pipelining every load made it
-    slower (probe 6: the transposed bias and the lse/delta vectors cost more to stage than they wait)."""
+    """Tiles for the dk/dv backward kernel (rows i per program: 1 or 2). At D = 32, pipelining every load
+    made it slower (probe 6: staging the transposed bias and the lse and delta vectors costs more than
+    their wait)."""
     if device.type != "cuda":
         return _interpreter_config(L, rows=1)  # the GPU's row count; tests patch in 2
-    if dtype in (torch.float32, torch.float64) or head_dim >= 128:
+    if dtype in (torch.float32, torch.float64):
         return LaunchConfig(32, 32, 4, 1)
-    return LaunchConfig(64, 64, 4, 3, rows=1)
+    if head_dim >= 128:
+        return LaunchConfig(64, 64, 8, 2, pipeline_all_loads=True)
+    return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=head_dim == 64)
 
 
 def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
     """Tiles for the bias-gradient kernel (its rows field is unused)."""
     if device.type != "cuda":
         return _interpreter_config(L, rows=1)
-    if dtype in (torch.float32, torch.float64) or head_dim >= 128:
+    if dtype in (torch.float32, torch.float64):
         return LaunchConfig(32, 32, 4, 1)
+    if head_dim >= 128:
+        return LaunchConfig(64, 32, 4, 2, pipeline_all_loads=True)
     return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
 
 
@@ -161,6 +173,9 @@ def _mask_args(mask: Optional[torch.Tensor], like: torch.Tensor):
         return like, (0, 0, 0), False
     as_bytes = mask.to(torch.uint8)
     return as_bytes, tuple(as_bytes.stride()), True
+
+
+SUM_BLOCK = 1024  # elements per program of the split reduction
 
 
 def dbias_splits(B: int, H: int, R: int, L: int, head_dim: int, cfg: LaunchConfig) -> int:
@@ -262,9 +277,15 @@ def attention_bwd(
         *bias.stride(), *mask_strides, *lse.stride(), *partial.stride(),
         H, R, L, rows_per_split, scale, **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
+    if splits == 1:
+        return dq, dk, dv, partial[0]
     # Fixed-order reduction over the splits: deterministic, unlike float atomics.
-    dbias = partial[0] if splits == 1 else partial.sum(dim=0)
-    return dq, dk, dv, dbias.to(bias.dtype)
+    dbias = torch.empty((B, H, L, L), dtype=bias.dtype, device=q.device)
+    n_elements = dbias.numel()
+    wrap_triton(sum_row_splits_kernel)[(triton.cdiv(n_elements, SUM_BLOCK),)](
+        partial, dbias, n_elements, splits, ACC_DTYPE=_acc_dtype(q.dtype), BLOCK=SUM_BLOCK,
+    )
+    return dq, dk, dv, dbias
 
 
 def _setup_context(ctx, inputs, output):

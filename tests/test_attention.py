@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import triton.language as tl
 
 from flash_tt_attn import attention, ops
 from flash_tt_attn.reference import attention_chunked, attention_reference
@@ -290,3 +291,19 @@ def test_bad_input_is_rejected_with_a_clear_message(override, error, message):
     args.update(override)
     with pytest.raises(error, match=message):
         attention(**args)
+
+
+def test_offsets_inside_a_row_switch_to_int64_when_int32_would_overflow():
+    """Strides are the caller's: a permuted or sliced view can make (L-1)·stride exceed 2³¹ - 1."""
+    small = torch.empty_strided((1, 1, 8, 8, 16), (1024, 1024, 128, 16, 1), device="meta")
+    huge = torch.empty_strided((1, 1, 8, 8, 16), (0, 0, 16, 2**29, 1), device="meta")
+    assert ops._row_offset_dtype(8, small, small) == tl.int32
+    assert ops._row_offset_dtype(8, small, huge) == tl.int64
+
+
+def test_int64_row_offsets_give_the_same_gradients(monkeypatch):
+    monkeypatch.setattr(ops, "_row_offset_dtype", lambda *args: tl.int64)
+    q, k, v, bias, mask = make_inputs(1, 2, 5, 16, torch.float32, masked=True)
+    dout = torch.randn_like(q)
+    got = forward_and_grads(attention, q, k, v, bias, dout, scale=0.5, mask=mask)
+    assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, scale=0.5, mask=mask), torch.float32)

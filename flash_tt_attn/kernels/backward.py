@@ -384,3 +384,15 @@ def attention_bwd_dbias_kernel(
     tl.store(DBIAS_PARTIAL + split * stride_ps + b * stride_pb + h * stride_ph + offs_j64 * stride_pj
              + offs_k[None, :] * stride_pk, dbias.to(DBIAS_PARTIAL.dtype.element_ty),
              mask=j_in[:, None] & k_in[None, :])
+
+
+@triton.jit
+def sum_row_splits_kernel(PARTIAL, DBIAS, n_elements, splits, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """dbias = Σ_s partial[s] in a fixed order (s = 0, 1, …), written in dbias's dtype: one pass over the
+    contiguous partial sums instead of a sum and a cast."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < n_elements
+    acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    for s in range(0, splits):
+        acc += tl.load(PARTIAL + s * n_elements + offs, mask=in_range, other=0.0).to(ACC_DTYPE)
+    tl.store(DBIAS + offs, acc.to(DBIAS.dtype.element_ty), mask=in_range)
