@@ -157,3 +157,15 @@ def test_import_flash_tt_attn_stays_light():
             "heavy = {'pandas', 'seaborn', 'matplotlib', 'yaml'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_a_stated_commit_wins_over_the_copy_s_own_git(monkeypatch):
+    """A tree copied to a remote GPU may carry a stale .git: the commit its sender states is recorded."""
+    from flash_tt_attn.bench import env
+
+    monkeypatch.setenv("FLASH_TT_ATTN_GIT_SHA", "0123abc")
+    monkeypatch.setenv("FLASH_TT_ATTN_GIT_DIRTY", "0")
+    assert env._git_state() == ("0123abc", False)
+    monkeypatch.delenv("FLASH_TT_ATTN_GIT_SHA")
+    sha, _ = env._git_state()
+    assert sha != "0123abc" and (sha is None or len(sha) == 40)

@@ -23,14 +23,17 @@ def _run(cmd: list[str], cwd=None) -> str | None:
 
 
 def _git_state() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout; a copy without .git (e.g. a tree shipped to a remote GPU) can
-    state them in FLASH_TT_ATTN_GIT_SHA and FLASH_TT_ATTN_GIT_DIRTY (0/1), set by whoever made the copy."""
+    """(commit, dirty) of the checkout. A copy of the tree (e.g. shipped to a remote GPU) states them in
+    FLASH_TT_ATTN_GIT_SHA and FLASH_TT_ATTN_GIT_DIRTY (0/1), set by whoever made the copy; a stated commit
+    wins over git, because such a copy may carry a stale .git of its own."""
+    stated = os.environ.get("FLASH_TT_ATTN_GIT_SHA")
+    if stated:
+        dirty = os.environ.get("FLASH_TT_ATTN_GIT_DIRTY")
+        return stated, (None if dirty is None else dirty == "1")
     root = Path(__file__).resolve().parents[2]
     sha = _run(["git", "rev-parse", "HEAD"], cwd=root)
     if sha is None:
-        stated = os.environ.get("FLASH_TT_ATTN_GIT_SHA")
-        dirty = os.environ.get("FLASH_TT_ATTN_GIT_DIRTY")
-        return stated, (None if dirty is None else dirty == "1")
+        return None, None
     excludes = [f":(exclude){p}" for p in _OUTPUT_PATHS]
     status = _run(["git", "status", "--porcelain", "--", ".", *excludes], cwd=root)
     return sha.strip(), (None if status is None else bool(status.strip()))
