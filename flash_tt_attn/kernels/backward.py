@@ -7,17 +7,20 @@ bitwise reproducible:
 * ``attention_bwd_dkdv_kernel``: program per (key block k, ROWS rows i); loops over
   queries; writes dk and dv.
 
-With ROWS = 2 a program loads each bias tile once for two rows and interleaves their
-independent work; the second row may lie past the last one (odd R) and is masked.
+  With ROWS = 2 a program loads each bias tile once for two rows and interleaves their
+  independent work; the second row may lie past the last one (odd R) and is masked.
 * ``attention_bwd_dbias_kernel``: program per ((query block j, key block k), split of
   rows i); loops over its rows with the bias tile and the dbias accumulator held in
-  registers; writes one partial sum per split, which the caller reduces in a fixed order.
+  registers; writes one partial sum per split, which ``sum_row_splits_kernel`` adds
+  up in a fixed order when there is more than one split.
 
-Conventions shared with the forward: q is scaled once (``q·scale`` in q's dtype) unless
-that could overflow fp16 (``Q_PRESCALED``), the bias tile is the accumulator of the
-q·kᵀ product (natural-log scores s), and
-p = exp2(s·log2(e) − lse) with lse in base 2. ``EVEN_L`` (L a multiple of both blocks)
-drops every bounds mask.
+Conventions shared with the forward: the scale goes into one operand once, in its own
+dtype (q in dq and dbias, the loop-invariant k block in dk/dv, whose dk takes the scale
+at the end), unless that could overflow fp16 (``Q_PRESCALED`` false: the scale then
+multiplies the fp32 product); the bias tile is the accumulator of the q·kᵀ product
+(natural-log scores s), and p = exp2(s·log2(e) − lse) with lse in base 2. ``EVEN_L``
+(L a multiple of both blocks) drops every bounds mask. ``LOOP_STAGES`` (None or the
+launch's num_stages) and ``ROW_OFFSET_DTYPE`` (int32 or int64) are explained in ops.py.
 """
 
 import triton

@@ -1,9 +1,9 @@
 """Forward kernel: one program per (block of queries j, pair of rows i, batch·head).
 
 For each row i the problem is ordinary attention of L queries over L keys, plus a
-bias tile bias[b, h, j-block, k-block] that is the same for every i. At D = 32 the
-kernel is bound by on-chip traffic, not DRAM: per score it reads 2 bytes of bias but
-only 4·D/BLOCK_J bytes of k and v. So each program handles ROWS rows i (1, 2 or 4),
+bias tile bias[b, h, j-block, k-block] that is the same for every i. At D = 32 per
+score a program reads 2 bytes of bias but only 4·D/BLOCK_J bytes of k and v (DRAM is not
+the limit; PERF.md: the kernels are latency-bound). So each program handles ROWS rows i (1, 2 or 4),
 loads each bias tile once for all of them, and gives the scheduler ROWS independent
 chains of matrix products and exponentials to interleave.
 
@@ -11,7 +11,9 @@ Programs are numbered with the query block fastest: the blocks of one row run
 together and read k_i and v_i from DRAM once; the bias of one (b, h) stays in L2 while
 its rows are in flight. q is scaled once per program (unless that could overflow fp16) and the bias tile is the
 accumulator of the q·kᵀ product; log2(e) is folded into the softmax's exponent (one
-FMA per score), so the softmax needs only exp2.
+FMA per score), so the softmax needs only exp2. With LOOP_STAGES set, the key loop
+pipelines the bias tile too (Triton alone pipelines only the products' operands);
+ROW_OFFSET_DTYPE is int32 when the offsets inside a row fit.
 """
 
 import triton
