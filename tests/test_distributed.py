@@ -10,6 +10,7 @@ workers after a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -174,13 +175,12 @@ def _cases(group, expected):
     _local_run(group, CASES[2], expected)
 
 
-def _worker(rank, world, init_file, result_dir):
+@contextlib.contextmanager
+def _reported(rank, result_dir):
+    """A worker's body: leaves ok-<rank> or error-<rank> (its traceback) for _spawn, and always tears the
+    process group down."""
     try:
-        expected = torch.load(os.path.join(result_dir, "..", "expected.pt"))
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-        torch.manual_seed(0)
-        _cases(None, expected)
+        yield
         dist.barrier()
         open(os.path.join(result_dir, f"ok-{rank}"), "w").close()
     except BaseException:
@@ -190,6 +190,15 @@ def _worker(rank, world, init_file, result_dir):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _worker(rank, world, init_file, result_dir):
+    with _reported(rank, result_dir):
+        expected = torch.load(os.path.join(result_dir, "..", "expected.pt"))
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+        torch.manual_seed(0)
+        _cases(None, expected)
 
 
 def _spawn(world, tmp_path, worker=_worker):
@@ -247,7 +256,7 @@ def test_needs_an_initialized_group():
 
 
 def _gpu_worker(rank, world, init_file, result_dir):
-    try:
+    with _reported(rank, result_dir):
         torch.cuda.set_device(rank)
         dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
@@ -268,15 +277,6 @@ def _gpu_worker(rank, world, init_file, result_dir):
             lq = q[:, :, rows]
             with pytest.raises(ValueError, match=f"invalid inputs on rank 0 of {world}"):
                 dist_attention(lq, lq, lq, bias[..., :-1] if rank == 0 else bias)
-        dist.barrier()
-        open(os.path.join(result_dir, f"ok-{rank}"), "w").close()
-    except BaseException:
-        with open(os.path.join(result_dir, f"error-{rank}"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.mark.gpu
