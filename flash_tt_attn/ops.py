@@ -38,6 +38,9 @@ class LaunchConfig:
     pipeline_all_loads: software-pipeline every load of the main loop num_stages deep, the bias
     tile, lse and delta included; otherwise Triton pipelines only the matrix products' operands
     and the other loads wait on memory in every iteration.
+    key_major_bias: (dk/dv only) read the bias from a key-major copy, ``bias.mT.contiguous()``, made
+    once per backward (B·H·L² elements): that kernel's tiles are bias[j-block, k-block] transposed,
+    which the row-major bias can only give through scattered 2-byte loads and byte shuffles.
     """
 
     block_j: int
@@ -46,6 +49,7 @@ class LaunchConfig:
     num_stages: int
     rows: int = 1
     pipeline_all_loads: bool = False
+    key_major_bias: bool = False
 
     @property
     def loop_stages(self) -> Optional[int]:
@@ -224,25 +228,11 @@ def attention_fwd(
     return out, lse
 
 
-@triton_op("flash_tt_attn::attention_bwd", mutates_args=())
-def attention_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-    mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: returns dq, dk, dv (their inputs' dtypes) and dbias (bias's dtype), summed over the R rows."""
+def _launch_dq(dout, q, k, v, bias, mask_args, out, lse, delta, scale, common) -> torch.Tensor:
+    """dq, and delta = rowsum(dO · O) into ``delta`` for the two kernels that follow."""
     B, H, R, L, D = q.shape
+    mask_t, mask_strides, _ = mask_args
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    if q.numel() == 0:
-        return dq, dk, dv, torch.zeros_like(bias)
-    delta = torch.empty_like(lse)
-    mask_t, mask_strides, has_mask = _mask_args(mask, q)
-    common = dict(
-        HAS_MASK=has_mask, Q_PRESCALED=_q_prescaled(q.dtype, scale), HEAD_DIM=D,
-        ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), FAST_EXP2=_fast_exp2(q.dtype, q.device),
-    )
-
     cfg = dq_config(L, D, q.dtype, q.device)
     if cfg.rows not in (1, 2):
         raise ValueError(f"the dq kernel takes 1 or 2 rows per program, not {cfg.rows}")
@@ -253,16 +243,13 @@ def attention_bwd(
         H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
         **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
-    cfg = dkdv_config(L, D, q.dtype, q.device)
-    if cfg.rows not in (1, 2):
-        raise ValueError(f"the dk/dv kernel takes 1 or 2 rows per program, not {cfg.rows}")
-    wrap_triton(attention_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_k), triton.cdiv(R, cfg.rows), B * H)](
-        q, k, v, bias, mask_t, dout, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
-        *bias.stride(), *mask_strides, *lse.stride(),
-        H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, q, dout),
-        **common, **_tile_args(L, cfg), **_launch_options(cfg),
-    )
+    return dq
+
+
+def _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> torch.Tensor:
+    """dbias = Σ_i ds[i], in bias's dtype: one kernel, plus the fixed-order sum when rows are split."""
+    B, H, R, L, D = q.shape
+    mask_t, mask_strides, _ = mask_args
     cfg = dbias_config(L, D, q.dtype, q.device)
     splits = dbias_splits(B, H, R, L, D, cfg)
     rows_per_split = triton.cdiv(R, splits)
@@ -278,13 +265,61 @@ def attention_bwd(
         H, R, L, rows_per_split, scale, **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
     if splits == 1:
-        return dq, dk, dv, partial[0]
+        return partial[0]
     # Fixed-order reduction over the splits: deterministic, unlike float atomics.
     dbias = torch.empty((B, H, L, L), dtype=bias.dtype, device=q.device)
     n_elements = dbias.numel()
     wrap_triton(sum_row_splits_kernel)[(triton.cdiv(n_elements, SUM_BLOCK),)](
         partial, dbias, n_elements, splits, ACC_DTYPE=_acc_dtype(q.dtype), BLOCK=SUM_BLOCK,
     )
+    return dbias
+
+
+def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, R, L, D = q.shape
+    mask_t, mask_strides, _ = mask_args
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    cfg = dkdv_config(L, D, q.dtype, q.device)
+    if cfg.rows not in (1, 2):
+        raise ValueError(f"the dk/dv kernel takes 1 or 2 rows per program, not {cfg.rows}")
+    # The same bias values, strided key-major (a copy unless it already is, as for the ending node's
+    # transposed view): this kernel's transposed tiles then load as contiguous vectors.
+    bias_tiles = bias.mT.contiguous().mT if cfg.key_major_bias else bias
+    wrap_triton(attention_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_k), triton.cdiv(R, cfg.rows), B * H)](
+        q, k, v, bias_tiles, mask_t, dout, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
+        *bias_tiles.stride(), *mask_strides, *lse.stride(),
+        H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, q, dout),
+        **common, **_tile_args(L, cfg), **_launch_options(cfg),
+    )
+    return dk, dv
+
+
+@triton_op("flash_tt_attn::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+    mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: returns dq, dk, dv (their inputs' dtypes) and dbias (bias's dtype), summed over the R rows.
+
+    Three kernels and no atomics (see kernels/backward.py), run in the order that keeps the peak memory
+    lowest: dq (which also writes delta), then dbias, whose fp32 partial sums are freed before dk and dv
+    (and the dk/dv kernel's key-major copy of the bias) are allocated.
+    """
+    B, H, R, L, D = q.shape
+    if q.numel() == 0:  # no rows, no pairs or no batch: nothing to launch
+        empty = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+        return empty[0], empty[1], empty[2], torch.zeros_like(bias)
+    delta = torch.empty_like(lse)
+    mask_args = _mask_args(mask, q)
+    common = dict(
+        HAS_MASK=mask_args[2], Q_PRESCALED=_q_prescaled(q.dtype, scale), HEAD_DIM=D,
+        ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), FAST_EXP2=_fast_exp2(q.dtype, q.device),
+    )
+    dq = _launch_dq(dout, q, k, v, bias, mask_args, out, lse, delta, scale, common)
+    dbias = _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common)
+    dk, dv = _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common)
     return dq, dk, dv, dbias
 
 

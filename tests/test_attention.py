@@ -195,6 +195,21 @@ def test_every_rows_per_program_variant_of_the_backward(monkeypatch, rows, pipel
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, scale=0.5, mask=mask), torch.float32)
 
 
+@pytest.mark.parametrize("bias_view", ["row_major", "transposed_view"])
+def test_dkdv_reading_a_key_major_copy_of_the_bias(monkeypatch, bias_view):
+    """key_major_bias: dk/dv read bias[j, k] through a key-major copy (none is made when the bias already
+    is key-major, as the ending node's transposed view is); the gradients must not change."""
+    cfg = ops.LaunchConfig(16, 16, 1, 2, key_major_bias=True)
+    monkeypatch.setattr(ops, "dkdv_config", lambda *args: cfg)
+    q, k, v, bias, mask = make_inputs(1, 2, 7, 16, torch.float32, masked=True)
+    if bias_view == "transposed_view":
+        bias = bias.mT.contiguous().mT
+        assert bias.stride(-2) == 1 and bias.clone().stride(-2) == 1  # forward_and_grads clones it
+    dout = torch.randn_like(q)
+    got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
+    assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float32)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_bias_gradient_with_one_or_several_row_splits(monkeypatch, splits):
     """One split writes dbias in bias's dtype directly; several are fp32 partial sums reduced in order."""

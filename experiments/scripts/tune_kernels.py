@@ -2,7 +2,7 @@
 against FlexAttention, in one process (one device call). Not part of the published
 pipeline (that is `python -m flash_tt_attn.bench`); its raw output goes to PERF.md.
 
-Usage: python experiments/scripts/tune_kernels.py OUT_DIR [--quick] [--wide]
+Usage: python experiments/scripts/tune_kernels.py OUT_DIR [--quick] [--wide | --all-head-dims] [--no-flex]
        ncu ... python experiments/scripts/tune_kernels.py OUT_DIR --ncu [--pipelined]
 """
 
@@ -19,6 +19,7 @@ OUT = sys.argv[1] if len(sys.argv) > 1 else "."
 QUICK = "--quick" in sys.argv
 WIDE = "--wide" in sys.argv  # head dims 64 and 128 only
 BOTH = "--all-head-dims" in sys.argv
+NO_FLEX = "--no-flex" in sys.argv  # variants only: compiling flex for every shape dominates a probe's time
 rows = []
 
 
@@ -139,6 +140,8 @@ def time_target(target, fv, bv, all_pipe):
                     peak_mb=peak, **shape)
             except Exception as e:  # noqa: BLE001
                 log(kind="time", provider="flash_tt_attn", mode=mode, cfg=name, error=repr(e)[:300], **shape)
+        if NO_FLEX:
+            continue
         try:
             fn, ins = flex_setup(q, k, v, bias)
             ms, p20, p80, peak = bench(fn, ins, mode)
@@ -169,29 +172,23 @@ def time_target(target, fv, bv, all_pipe):
 def main():
     dev = torch.cuda.get_device_name()
     log(kind="env", gpu=dev, torch=torch.__version__, triton=triton.__version__)
-    # Variants: LaunchConfig(block_j, block_k, num_warps, num_stages, rows, pipeline_all_loads).
-    P = True
-    # Probe 8 (defaults as at 31d3b24): the dk/dv kernel with 8 warps (111 registers: 16 warps per SM instead
-    # of 12) and the bias gradient with 64×32 tiles (twice the programs: no row splits, no fp32 partials at L=256).
+    # Variants: LaunchConfig(block_j, block_k, num_warps, num_stages, rows, pipeline_all_loads, key_major_bias).
+    P, K = True, True
+    # Probe 9 (defaults as at 91663db, the backward reordered dq -> dbias -> dk/dv): the dk/dv kernel reading
+    # a key-major copy of the bias (its transposed tiles become contiguous loads; offline, the loop loses
+    # its byte shuffles and 7 of 9 barriers), with and without pipelining every load.
     fwd32 = {"F0": None}
-    bwd32 = {"B0": {}, "B10": {"dkdv_config": (64, 64, 8, 3, 1, False)},
-             "B11": {"dkdv_config": (64, 64, 8, 2, 1, False)},
-             "B12": {"dbias_config": (64, 32, 4, 3, 1, P)},
-             "B13": {"dkdv_config": (64, 64, 8, 3, 1, False), "dbias_config": (64, 32, 4, 3, 1, P)}}
-    fwd128 = {"F0": None, "G1": (64, 64, 4, 2, 1, P), "G2": (128, 64, 8, 2, 1, P), "G3": (128, 32, 8, 3, 1, P),
-              "G4": (64, 32, 4, 2, 1, P)}
-    bwd128 = {"B0": {}, "H1": {"dq_config": (64, 64, 8, 2, 1, P), "dkdv_config": (64, 64, 8, 2, 1, P),
-                               "dbias_config": (64, 64, 8, 2, 1, P)},
-              "H2": {"dq_config": (64, 64, 4, 2, 1, P), "dkdv_config": (64, 64, 8, 2, 1, P),
-                     "dbias_config": (64, 32, 4, 2, 1, P)},
-              "H3": {"dq_config": (64, 32, 4, 2, 1, P), "dkdv_config": (64, 64, 8, 2, 1, P),
-                     "dbias_config": (64, 64, 8, 2, 1, P)},
-              "H4": {"dq_config": (64, 64, 8, 2, 1, P), "dkdv_config": (64, 64, 8, 2, 1, False),
-                     "dbias_config": (64, 64, 8, 2, 1, P)}}
-    fwd64 = {"F0": None, "F3": (64, 64, 4, 3, 1, P), "F6": (128, 64, 8, 3, 1, P)}
-    bwd64 = {"B0": {}, "B9": {"dq_config": (64, 64, 4, 3, 1, False), "dbias_config": (64, 64, 4, 3, 1, False)},
-             "B6": {"dq_config": (64, 64, 4, 3, 1, P), "dkdv_config": (64, 64, 4, 3, 1, P),
-                                                 "dbias_config": (64, 64, 4, 3, 1, P)}}
+    bwd32 = {"B0": {}, "K1": {"dkdv_config": (64, 64, 4, 3, 1, False, K)},
+             "K2": {"dkdv_config": (64, 64, 4, 3, 1, P, K)},
+             "K3": {"dkdv_config": (64, 64, 4, 2, 1, P, K)},
+             "K4": {"dkdv_config": (64, 64, 4, 3, 2, P, K)}}
+    bwd32.update(B0_again={}, K2_again=bwd32["K2"])  # each timed twice
+    fwd128 = {"F0": None}
+    bwd128 = {"B0": {}, "K5": {"dkdv_config": (64, 64, 8, 2, 1, P, K)},
+              "K6": {"dkdv_config": (64, 64, 4, 2, 1, P, K)}}
+    fwd64 = {"F0": None}
+    bwd64 = {"B0": {}, "K7": {"dkdv_config": (64, 64, 4, 3, 1, P, K)},
+             "K8": {"dkdv_config": (64, 64, 4, 2, 1, P, K)}}
 
     # 1. correctness of the defaults and of each kernel variant against the fp64 reference: an even L
     #    (the unmasked code the timings run) in fp16, and an odd L with a mask in fp16 and bf16.
@@ -199,7 +196,7 @@ def main():
     groups = [g for g in groups if BOTH or (g[0] == 32) != WIDE]
     for D, fv, bv, even_L, odd_L in groups:
         variants = [("default", {})] + [(f, {"forward_config": fv[f]}) for f in fv if fv[f]] \
-            + [(b, bv[b]) for b in bv if bv[b] and b not in ("B13",)]
+            + [(b, bv[b]) for b in bv if bv[b] and not b.endswith("_again")]
         for dtype, L, masked in ((torch.float16, even_L, False), (torch.float16, odd_L, True),
                                  (torch.bfloat16, odd_L, True)):
             B, H = (2, 3) if D == 32 else (1, 2)
@@ -213,18 +210,19 @@ def main():
     def grads_once():
         o = attention(*det_inputs)
         return [o] + list(torch.autograd.grad(o, det_inputs, det_dout))
-    all_pipe = {"dkdv_config": (64, 64, 8, 3, 1, False), "dbias_config": (64, 32, 4, 3, 1, P)}  # profiled: B13
+    all_pipe = bwd32["K2"]  # also profiled below
     first = with_configs(all_pipe, grads_once)
     same = all(all(torch.equal(a, b) for a, b in zip(first, with_configs(all_pipe, grads_once), strict=True))
                for _ in range(20))
-    log(kind="determinism", repeats=20, bitwise_equal=bool(same), cfg="B13")
+    log(kind="determinism", repeats=20, bitwise_equal=bool(same), cfg="K2")
 
     # 3. timings: variants vs flex, one process
     targets = [((4, 8, 256, 32, torch.float16), fwd32, bwd32), ((4, 8, 512, 32, torch.float16), fwd32, bwd32),
                ((1, 4, 1024, 32, torch.bfloat16), fwd32, bwd32), ((1, 4, 512, 64, torch.bfloat16), fwd64, bwd64),
                ((1, 4, 512, 128, torch.bfloat16), fwd128, bwd128)]
     if not QUICK:
-        targets.insert(2, ((4, 8, 768, 32, torch.float16), fwd32, {k: bwd32[k] for k in ("B0", "B13")}))
+        short = {k: bwd32[k] for k in ("B0", "K1", "K2", "B0_again", "K2_again")}
+        targets.insert(2, ((4, 8, 768, 32, torch.float16), fwd32, short))
     for target, fv, bv in targets:
         if not BOTH and (target[3] == 32) == WIDE:
             continue
