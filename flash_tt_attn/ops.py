@@ -41,6 +41,8 @@ class LaunchConfig:
     key_major_bias: (dk/dv only) read the bias from a key-major copy, ``bias.mT.contiguous()``, made
     once per backward (B·H·L² elements): that kernel's tiles are bias[j-block, k-block] transposed,
     which the row-major bias can only give through scattered 2-byte loads and byte shuffles.
+    max_registers: cap on registers per thread (Triton's ``maxnreg``), so that more programs fit on
+    an SM; None leaves the choice to the compiler.
     """
 
     block_j: int
@@ -50,6 +52,7 @@ class LaunchConfig:
     rows: int = 1
     pipeline_all_loads: bool = False
     key_major_bias: bool = False
+    max_registers: Optional[int] = None
 
     @property
     def loop_stages(self) -> Optional[int]:
@@ -99,16 +102,18 @@ def dq_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -
 
 
 def dkdv_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """Tiles for the dk/dv backward kernel (rows i per program: 1 or 2). At D = 32, pipelining every load
-    made it slower (probe 6: staging the transposed bias and the lse and delta vectors costs more than
-    their wait)."""
+    """Tiles for the dk/dv backward kernel (rows i per program: 1 or 2). Its bias tiles are transposed:
+    pipelining them from the row-major bias made it slower (probe 6: byte shuffles); from a key-major
+    copy it is faster at D = 32 and 128 (probe 9), and no different at D = 64."""
     if device.type != "cuda":
         return _interpreter_config(L, rows=1)  # the GPU's row count; tests patch in 2
     if dtype in (torch.float32, torch.float64):
         return LaunchConfig(32, 32, 4, 1)
     if head_dim >= 128:
-        return LaunchConfig(64, 64, 8, 2, pipeline_all_loads=True)
-    return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=head_dim == 64)
+        return LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True, key_major_bias=True)
+    if head_dim == 64:
+        return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
+    return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True, key_major_bias=True)
 
 
 def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
@@ -154,7 +159,21 @@ def _tile_args(L: int, cfg: LaunchConfig) -> dict:
 
 
 def _launch_options(cfg: LaunchConfig) -> dict:
-    return dict(LOOP_STAGES=cfg.loop_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    options = dict(LOOP_STAGES=cfg.loop_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.max_registers is not None and not _tracing_kernels():
+        options["maxnreg"] = cfg.max_registers
+    return options
+
+
+def _tracing_kernels() -> bool:
+    """True while torch.compile (or make_fx) traces the launches. Its wrap_triton forwards num_warps and
+    num_stages but not maxnreg, so a compiled graph runs the kernels without the register cap: the same
+    arithmetic (bitwise-equal results), possibly more slowly."""
+    try:
+        from torch._library.triton import is_wrap_triton_enabled
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return False
+    return is_wrap_triton_enabled()
 
 
 def _row_offset_dtype(L: int, *tensors: torch.Tensor):
