@@ -113,7 +113,8 @@ def dkdv_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device)
         return LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True, key_major_bias=True)
     if head_dim == 64:
         return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
-    return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True, key_major_bias=True)
+    # 128 registers (148 uncapped, no spills): four programs per SM instead of three (probe 10).
+    return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True, key_major_bias=True, max_registers=128)
 
 
 def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
@@ -167,8 +168,7 @@ def _launch_options(cfg: LaunchConfig) -> dict:
 
 def _tracing_kernels() -> bool:
     """True while torch.compile (or make_fx) traces the launches. Its wrap_triton forwards num_warps and
-    num_stages but not maxnreg, so a compiled graph runs the kernels without the register cap: the same
-    arithmetic (bitwise-equal results), possibly more slowly."""
+    num_stages but not maxnreg, so a compiled graph runs the same kernels without the register cap."""
     try:
         from torch._library.triton import is_wrap_triton_enabled
     except ImportError:  # pragma: no cover - every supported torch has it
@@ -265,14 +265,19 @@ def _launch_dq(dout, q, k, v, bias, mask_args, out, lse, delta, scale, common) -
     return dq
 
 
+def _dbias_plan(q: torch.Tensor) -> tuple[LaunchConfig, int, int]:
+    """The bias-gradient kernel's config, its number of row splits and rows per split."""
+    B, H, R, L, D = q.shape
+    cfg = dbias_config(L, D, q.dtype, q.device)
+    rows_per_split = triton.cdiv(R, dbias_splits(B, H, R, L, D, cfg))
+    return cfg, triton.cdiv(R, rows_per_split), rows_per_split
+
+
 def _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> torch.Tensor:
     """dbias = Σ_i ds[i], in bias's dtype: one kernel, plus the fixed-order sum when rows are split."""
     B, H, R, L, D = q.shape
     mask_t, mask_strides, _ = mask_args
-    cfg = dbias_config(L, D, q.dtype, q.device)
-    splits = dbias_splits(B, H, R, L, D, cfg)
-    rows_per_split = triton.cdiv(R, splits)
-    splits = triton.cdiv(R, rows_per_split)
+    cfg, splits, rows_per_split = _dbias_plan(q)
     # One split: the kernel writes the gradient in bias's dtype directly (no fp32 buffer, no cast).
     partial_dtype = bias.dtype if splits == 1 else lse.dtype
     partial = torch.empty((splits, B, H, L, L), dtype=partial_dtype, device=q.device)
@@ -322,9 +327,10 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: returns dq, dk, dv (their inputs' dtypes) and dbias (bias's dtype), summed over the R rows.
 
-    Three kernels and no atomics (see kernels/backward.py), run in the order that keeps the peak memory
-    lowest: dq (which also writes delta), then dbias, whose fp32 partial sums are freed before dk and dv
-    (and the dk/dv kernel's key-major copy of the bias) are allocated.
+    Three kernels and no atomics (see kernels/backward.py). dq runs first (it also writes delta); the
+    other two run in the order that keeps the peak memory lower: the bias gradient first when it needs
+    fp32 partial sums over row splits (freed before dk and dv exist), otherwise dk/dv first (its
+    key-major copy of the bias is freed before the bias gradient exists).
     """
     B, H, R, L, D = q.shape
     if q.numel() == 0:  # no rows, no pairs or no batch: nothing to launch
@@ -336,9 +342,14 @@ def attention_bwd(
         HAS_MASK=mask_args[2], Q_PRESCALED=_q_prescaled(q.dtype, scale), HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), FAST_EXP2=_fast_exp2(q.dtype, q.device),
     )
-    dq = _launch_dq(dout, q, k, v, bias, mask_args, out, lse, delta, scale, common)
-    dbias = _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common)
-    dk, dv = _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common)
+    args = (dout, q, k, v, bias, mask_args)
+    dq = _launch_dq(*args, out, lse, delta, scale, common)
+    if _dbias_plan(q)[1] > 1:
+        dbias = _launch_dbias(*args, lse, delta, scale, common)
+        dk, dv = _launch_dkdv(*args, lse, delta, scale, common)
+    else:
+        dk, dv = _launch_dkdv(*args, lse, delta, scale, common)
+        dbias = _launch_dbias(*args, lse, delta, scale, common)
     return dq, dk, dv, dbias
 
 

@@ -101,6 +101,7 @@ def predicted_peak_bytes(B, H, L, D, dtype, masked):
     """The O(L²) memory of one forward + backward, counted from before the inputs were made."""
     N, e = B * H * L * L, torch.finfo(dtype).bits // 8
     splits = dbias_split_count(B, H, L, D, dtype)
+    key_major = ops.dkdv_config(L, D, dtype, torch.device(DEVICE)).key_major_bias
     terms = {
         "q, k, v (inputs)": 3 * N * D * e,
         "dout (the upstream gradient, input)": N * D * e,
@@ -113,6 +114,7 @@ def predicted_peak_bytes(B, H, L, D, dtype, masked):
         # With one split the kernel may write dbias's dtype directly: fp32 is the upper bound.
         f"dbias partials ({splits} split(s), fp32)": splits * N * 4,
         "sum over the splits (fp32)": N * 4 if splits > 1 else 0,
+        "dk/dv's key-major bias copy": N * e if key_major else 0,
     }
     return terms
 
