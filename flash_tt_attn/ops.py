@@ -300,6 +300,7 @@ def _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> 
 
 
 def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> tuple[torch.Tensor, torch.Tensor]:
+    """dk and dv, from the delta that the dq kernel wrote."""
     B, H, R, L, D = q.shape
     mask_t, mask_strides, _ = mask_args
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
