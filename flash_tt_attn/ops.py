@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import is_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
 
 from ._compat import env_flag
@@ -161,19 +162,11 @@ def _tile_args(L: int, cfg: LaunchConfig) -> dict:
 
 def _launch_options(cfg: LaunchConfig) -> dict:
     options = dict(LOOP_STAGES=cfg.loop_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.max_registers is not None and not _tracing_kernels():
+    # While torch.compile (or make_fx) traces the launches, wrap_triton forwards num_warps and num_stages
+    # but not maxnreg: a compiled graph runs the same kernels without the register cap.
+    if cfg.max_registers is not None and not is_wrap_triton_enabled():
         options["maxnreg"] = cfg.max_registers
     return options
-
-
-def _tracing_kernels() -> bool:
-    """True while torch.compile (or make_fx) traces the launches. Its wrap_triton forwards num_warps and
-    num_stages but not maxnreg, so a compiled graph runs the same kernels without the register cap."""
-    try:
-        from torch._library.triton import is_wrap_triton_enabled
-    except ImportError:  # pragma: no cover - every supported torch has it
-        return False
-    return is_wrap_triton_enabled()
 
 
 def _row_offset_dtype(L: int, *tensors: torch.Tensor):
@@ -273,11 +266,11 @@ def _dbias_plan(q: torch.Tensor) -> tuple[LaunchConfig, int, int]:
     return cfg, triton.cdiv(R, rows_per_split), rows_per_split
 
 
-def _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> torch.Tensor:
+def _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common, plan) -> torch.Tensor:
     """dbias = Σ_i ds[i], in bias's dtype: one kernel, plus the fixed-order sum when rows are split."""
     B, H, R, L, D = q.shape
     mask_t, mask_strides, _ = mask_args
-    cfg, splits, rows_per_split = _dbias_plan(q)
+    cfg, splits, rows_per_split = plan
     # One split: the kernel writes the gradient in bias's dtype directly (no fp32 buffer, no cast).
     partial_dtype = bias.dtype if splits == 1 else lse.dtype
     partial = torch.empty((splits, B, H, L, L), dtype=partial_dtype, device=q.device)
@@ -345,12 +338,13 @@ def attention_bwd(
     )
     args = (dout, q, k, v, bias, mask_args)
     dq = _launch_dq(*args, out, lse, delta, scale, common)
-    if _dbias_plan(q)[1] > 1:
-        dbias = _launch_dbias(*args, lse, delta, scale, common)
+    plan = _dbias_plan(q)
+    if plan[1] > 1:  # fp32 partial sums over row splits
+        dbias = _launch_dbias(*args, lse, delta, scale, common, plan)
         dk, dv = _launch_dkdv(*args, lse, delta, scale, common)
     else:
         dk, dv = _launch_dkdv(*args, lse, delta, scale, common)
-        dbias = _launch_dbias(*args, lse, delta, scale, common)
+        dbias = _launch_dbias(*args, lse, delta, scale, common, plan)
     return dq, dk, dv, dbias
 
 

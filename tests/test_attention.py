@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import triton.language as tl
+from helpers import forward_and_grads
 
 from flash_tt_attn import attention, ops
 from flash_tt_attn.reference import attention_chunked, attention_reference
@@ -25,13 +26,6 @@ def make_inputs(B, H, L, D, dtype, masked=False, scale_bias=1.0):
         mask = torch.rand(B, L, L) > 0.3
         mask[0, 0] = False  # row i = 0 of batch 0: every key excluded
     return q, k, v, bias, mask
-
-
-def forward_and_grads(fn, q, k, v, bias, dout, **kwargs):
-    ins = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
-    out = fn(*ins, **kwargs)
-    grads = torch.autograd.grad(out, ins, dout)
-    return [out.detach(), *grads]
 
 
 def reference_fp64(q, k, v, bias, dout, **kwargs):

@@ -3,6 +3,7 @@ torch.library.opcheck and torch.compile. Skipped without CUDA (run by `nox -s gp
 
 import pytest
 import torch
+from helpers import forward_and_grads
 
 from flash_tt_attn import attention, ops
 from flash_tt_attn.reference import attention_chunked
@@ -24,12 +25,6 @@ def _inputs(B, H, L, D, dtype, masked, seed=0):
     return q, k, v, bias, mask
 
 
-def _grads(fn, q, k, v, bias, dout, **kw):
-    ins = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
-    out = fn(*ins, **kw)
-    return [out.detach(), *torch.autograd.grad(out, ins, dout)]
-
-
 CASES = [
     pytest.param(2, 3, 33, 16, torch.float16, True, id="B2-H3-L33-D16-fp16-mask"),
     pytest.param(1, 2, 100, 32, torch.bfloat16, True, id="B1-H2-L100-D32-bf16-mask"),
@@ -46,8 +41,8 @@ CASES = [
 def test_kernels_match_fp64_reference(B, H, L, D, dtype, masked):
     q, k, v, bias, mask = _inputs(B, H, L, D, dtype, masked)
     dout = torch.randn_like(q)
-    got = _grads(attention, q, k, v, bias, dout, mask=mask)
-    want = _grads(attention_chunked, *(t.double() for t in (q, k, v, bias)), dout.double(), mask=mask,
+    got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
+    want = forward_and_grads(attention_chunked, *(t.double() for t in (q, k, v, bias)), dout.double(), mask=mask,
                   chunk_rows=16)
     for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want, strict=True):
         assert g.dtype == dtype and torch.isfinite(g).all(), name
@@ -58,9 +53,9 @@ def test_kernels_match_fp64_reference(B, H, L, D, dtype, masked):
 def test_backward_is_bitwise_deterministic_over_20_calls():
     q, k, v, bias, mask = _inputs(2, 4, 160, 32, torch.float16, True)
     dout = torch.randn_like(q)
-    first = _grads(attention, q, k, v, bias, dout, mask=mask)
+    first = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
     for _ in range(19):
-        again = _grads(attention, q, k, v, bias, dout, mask=mask)
+        again = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
@@ -76,8 +71,8 @@ def test_compile_fullgraph_matches_eager():
     q, k, v, bias, mask = _inputs(1, 2, 64, 32, torch.bfloat16, True)
     dout = torch.randn_like(q)
     compiled = torch.compile(attention, fullgraph=True)
-    got = _grads(compiled, q, k, v, bias, dout, mask=mask)
-    want = _grads(attention, q, k, v, bias, dout, mask=mask)
+    got = forward_and_grads(compiled, q, k, v, bias, dout, mask=mask)
+    want = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
     # Same kernels; Inductor may reduce the dbias partial sums in another (fixed) order.
     for g, w in zip(got, want, strict=True):
         assert ((g.double() - w.double()).norm() / w.double().norm()).item() <= 1e-3
