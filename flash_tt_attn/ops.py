@@ -114,8 +114,9 @@ def dkdv_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device)
         return LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True, key_major_bias=True)
     if head_dim == 64:
         return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
-    # 128 registers (148 uncapped, no spills): four programs per SM instead of three (probe 10).
-    return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True, key_major_bias=True, max_registers=128)
+    # 168 registers (175 uncapped, no spills): three programs per SM instead of two. Waiting for dk
+    # within each iteration (SETTLE_ACCUMULATORS) needs more registers than probe 10's cap of 128.
+    return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True, key_major_bias=True, max_registers=168)
 
 
 def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
@@ -140,6 +141,25 @@ FAST_EXP2 = True
 
 def _fast_exp2(dtype: torch.dtype, device: torch.device) -> bool:
     return FAST_EXP2 and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+# Switches for benchmarks, each compared against the other setting in a probe (PERF.md):
+# the forward issues every row's q·kᵀ product before any row's softmax (kernels/forward.py);
+FORWARD_SCORES_FIRST = True
+# dq and dk/dv wait for their accumulating product within each iteration (kernels/common.py: settle);
+SETTLE_ACCUMULATORS = True
+# the bias gradient's scores come from the unscaled q·kᵀ with bias/scale as its accumulator, so q is not
+# rescaled (and sent back to shared memory) in every iteration.
+DBIAS_UNSCALED_SCORES = True
+
+
+def _settle(dtype: torch.dtype, device: torch.device) -> bool:
+    # An fp32 register identity in inline PTX: GPU only, and only where the accumulators are fp32.
+    return SETTLE_ACCUMULATORS and device.type == "cuda" and dtype != torch.float64
+
+
+def _dbias_unscaled_scores(scale: float) -> bool:
+    return DBIAS_UNSCALED_SCORES and scale != 0.0
 
 
 def _q_prescaled(dtype: torch.dtype, scale: float) -> bool:
@@ -235,7 +255,7 @@ def attention_fwd(
         BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         FAST_EXP2=_fast_exp2(q.dtype, q.device), ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
-        **_launch_options(cfg),
+        SCORES_FIRST=FORWARD_SCORES_FIRST, **_launch_options(cfg),
     )
     return out, lse
 
@@ -253,7 +273,7 @@ def _launch_dq(dout, q, k, v, bias, mask_args, out, lse, delta, scale, common) -
         *q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
         H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
-        **common, **_tile_args(L, cfg), **_launch_options(cfg),
+        SETTLE=_settle(q.dtype, q.device), **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
     return dq
 
@@ -279,7 +299,8 @@ def _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common, pla
         q, k, v, bias, mask_t, dout, lse, delta, partial,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(), *partial.stride(),
-        H, R, L, rows_per_split, scale, **common, **_tile_args(L, cfg), **_launch_options(cfg),
+        H, R, L, rows_per_split, scale, UNSCALED_SCORES=_dbias_unscaled_scores(scale),
+        **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
     if splits == 1:
         return partial[0]
@@ -309,7 +330,7 @@ def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> t
         *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
         *bias_tiles.stride(), *mask_strides, *lse.stride(),
         H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, q, dout),
-        **common, **_tile_args(L, cfg), **_launch_options(cfg),
+        SETTLE=_settle(q.dtype, q.device), **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
     return dk, dv
 

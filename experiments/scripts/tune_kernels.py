@@ -109,16 +109,19 @@ def bench(fn, grad_inputs=None, mode="fwd"):
 
 
 CHOOSERS = ("forward_config", "dq_config", "dkdv_config", "dbias_config", "dbias_splits")
+SWITCHES = ("FORWARD_SCORES_FIRST", "SETTLE_ACCUMULATORS", "DBIAS_UNSCALED_SCORES")
 
 
 def with_configs(configs, fn, *args):
     """fn(*args) with some kernel configs fixed: configs maps a chooser name to LaunchConfig args
-    (or "dbias_splits" to a number of row splits)."""
-    saved = {name: getattr(ops, name) for name in CHOOSERS}
+    (or "dbias_splits" to a number of row splits), or one of ops' SWITCHES to its setting."""
+    saved = {name: getattr(ops, name) for name in CHOOSERS + SWITCHES}
     try:
         for name, values in configs.items():
             if name == "dbias_splits":
                 ops.dbias_splits = lambda *args, n=values: n
+            elif name in SWITCHES:
+                setattr(ops, name, values)
             else:
                 setattr(ops, name, fixed(values))
         return fn(*args)
@@ -137,7 +140,10 @@ def time_target(target, fv, bv, all_pipe):
         return attention(q, k, v, bias)
     for mode, variants in (("fwd", fv), ("fwd_bwd", bv)):
         for name, var in variants.items():
-            configs = ({"forward_config": var} if var else {}) if mode == "fwd" else dict(var)
+            if mode == "fwd":
+                configs = var if isinstance(var, dict) else ({"forward_config": var} if var else {})
+            else:
+                configs = dict(var)
             try:
                 ms, p20, p80, peak = with_configs(configs, bench, call, inputs, mode)
                 log(kind="time", provider="flash_tt_attn", mode=mode, cfg=name, ms=ms, p20=p20, p80=p80,
@@ -165,7 +171,7 @@ def time_target(target, fv, bv, all_pipe):
                 torch.autograd.grad(call(), inputs, do)
             torch.cuda.synchronize()
         return prof
-    for tag, configs in (("default", {}), ("variant", all_pipe)):
+    for tag, configs in (("default", {}), ("OLD", all_pipe), ("N0", {"dkdv_config": (64, 64, 4, 3, 1, True, True)})):
         prof = with_configs(configs, profile)
         for evt in prof.key_averages():
             if evt.device_time_total > 0:
@@ -179,25 +185,31 @@ def main():
     # Variants: LaunchConfig(block_j, block_k, num_warps, num_stages, rows, pipeline_all_loads, key_major_bias,
     # max_registers); "dbias_splits" fixes the bias gradient's row splits.
     P, K = True, True
-    # Probe 10 (defaults: probe 9's K2 at D = 32, K6 at D = 128): dk/dv capped at 128 registers (148 now: 16
-    # resident warps per SM instead of 12, no spills offline); one row split for the bias gradient (no fp32
-    # partials: memory at L = 256); the forward's two-row program at 128 registers (28 bytes of spills).
-    fwd32 = {"F0": None, "F1": (64, 64, 4, 2, 2, P, False, 128)}
-    bwd32 = {"B0": {}, "M1": {"dkdv_config": (64, 64, 4, 3, 1, P, K, 128)},
-             "S1": {"dbias_splits": 1},
-             "M1S1": {"dkdv_config": (64, 64, 4, 3, 1, P, K, 128), "dbias_splits": 1}}
-    bwd32.update(B0_again={}, M1_again=bwd32["M1"])  # each timed twice
-    fwd128 = {"F0": None}
-    bwd128 = {"B0": {}, "H5": {"dkdv_config": (64, 64, 8, 2, 1, P, K)}}
+    # Probe 11 (defaults: every switch on, dk/dv at D = 32 capped at 168 registers). OLD is probe 10's
+    # defaults, the code before probe 11: every switch off and dk/dv capped at 128 registers.
+    #   SETTLE_ACCUMULATORS: dq and dk/dv wait for their accumulating product within each iteration; ptxas
+    #     serialized every wgmma of both kernels before (C7515). dk/dv then needs 175 registers (spills at 128).
+    #   DBIAS_UNSCALED_SCORES: bias/scale as the accumulator of the unscaled q·kᵀ (no per-iteration q rescale).
+    #   FORWARD_SCORES_FIRST: both rows' q·kᵀ before either softmax.
+    off = {"FORWARD_SCORES_FIRST": False, "SETTLE_ACCUMULATORS": False, "DBIAS_UNSCALED_SCORES": False}
+    old32 = dict(off, dkdv_config=(64, 64, 4, 3, 1, P, K, 128))
+    fwd32 = {"F0": None, "Fold": off}
+    bwd32 = {"B0": {}, "OLD": old32, "N0": {"dkdv_config": (64, 64, 4, 3, 1, P, K)},
+             "S0": {"SETTLE_ACCUMULATORS": False}, "U0": {"DBIAS_UNSCALED_SCORES": False}}
+    bwd32.update(B0_again={}, OLD_again=old32)  # each timed twice
+    fwd128 = {"F0": None, "F8": {"forward_config": (128, 64, 8, 2, 1, P)}}
+    bwd128 = {"B0": {}, "OLD": off, "Q8": {"dq_config": (128, 64, 8, 2, 1, P)},
+              "K8": {"dkdv_config": (64, 128, 8, 2, 1, P, K)}, "D8": {"dbias_config": (128, 32, 8, 2, 1, P)}}
     fwd64 = {"F0": None}
-    bwd64 = {"B0": {}, "K7": {"dkdv_config": (64, 64, 4, 3, 1, P, K)}}
+    bwd64 = {"B0": {}, "OLD": off}
 
     # 1. correctness of the defaults and of each kernel variant against the fp64 reference: an even L
     #    (the unmasked code the timings run) in fp16, and an odd L with a mask in fp16 and bf16.
     groups = [(32, fwd32, bwd32, 128, 33), (64, fwd64, bwd64, 128, 100), (128, fwd128, bwd128, 128, 129)]
     groups = [g for g in groups if BOTH or (g[0] == 32) != WIDE]
     for D, fv, bv, even_L, odd_L in groups:
-        variants = [("default", {})] + [(f, {"forward_config": fv[f]}) for f in fv if fv[f]] \
+        variants = [("default", {})] \
+            + [(f, fv[f] if isinstance(fv[f], dict) else {"forward_config": fv[f]}) for f in fv if fv[f]] \
             + [(b, bv[b]) for b in bv if bv[b] and not b.endswith("_again")]
         for dtype, L, masked in ((torch.float16, even_L, False), (torch.float16, odd_L, True),
                                  (torch.bfloat16, odd_L, True)):
@@ -212,11 +224,14 @@ def main():
     def grads_once():
         o = attention(*det_inputs)
         return [o] + list(torch.autograd.grad(o, det_inputs, det_dout))
-    all_pipe = bwd32["M1"]  # also profiled below
+    all_pipe = old32  # also profiled below
     first = with_configs(all_pipe, grads_once)
     same = all(all(torch.equal(a, b) for a, b in zip(first, with_configs(all_pipe, grads_once), strict=True))
                for _ in range(20))
-    log(kind="determinism", repeats=20, bitwise_equal=bool(same), cfg="M1")
+    first_new = grads_once()
+    same_new = all(all(torch.equal(a, b) for a, b in zip(first_new, grads_once(), strict=True)) for _ in range(20))
+    log(kind="determinism", repeats=20, bitwise_equal=bool(same), cfg="OLD")
+    log(kind="determinism", repeats=20, bitwise_equal=bool(same_new), cfg="default")
     # the register cap is dropped while torch.compile traces the launches: same results, bitwise
     compiled = torch.compile(attention, fullgraph=True)
 
@@ -224,18 +239,19 @@ def main():
         o = compiled(*det_inputs)
         return [o] + list(torch.autograd.grad(o, det_inputs, det_dout))
     try:
-        same_compiled = all(torch.equal(a, b) for a, b in zip(first, with_configs(all_pipe, compiled_grads),
-                                                              strict=True))
-        log(kind="compile_check", bitwise_equal_to_eager=bool(same_compiled), cfg="M1")
+        compiled_out = compiled_grads()
+        same_compiled = [bool(torch.equal(a, b)) for a, b in zip(first_new, compiled_out, strict=True)]
+        log(kind="compile_check", bitwise_equal_to_eager=same_compiled, cfg="default",
+            max_rel=[rel(a, b) for a, b in zip(compiled_out, first_new, strict=True)])
     except Exception as e:  # noqa: BLE001
-        log(kind="compile_check", error=repr(e)[:500], cfg="M1")
+        log(kind="compile_check", error=repr(e)[:500], cfg="default")
 
     # 3. timings: variants vs flex, one process
     targets = [((4, 8, 256, 32, torch.float16), fwd32, bwd32), ((4, 8, 512, 32, torch.float16), fwd32, bwd32),
                ((1, 4, 1024, 32, torch.bfloat16), fwd32, bwd32), ((1, 4, 512, 64, torch.bfloat16), fwd64, bwd64),
                ((1, 4, 512, 128, torch.bfloat16), fwd128, bwd128)]
     if not QUICK:
-        short = {k: bwd32[k] for k in ("B0", "M1", "B0_again", "M1_again")}
+        short = {k: bwd32[k] for k in ("B0", "OLD", "B0_again", "OLD_again")}
         targets.insert(2, ((4, 8, 768, 32, torch.float16), fwd32, short))
     for target, fv, bv in targets:
         if not BOTH and (target[3] == 32) == WIDE:

@@ -26,7 +26,7 @@ launch's num_stages) and ``ROW_OFFSET_DTYPE`` (int32 or int64) are explained in 
 import triton
 import triton.language as tl
 
-from .common import exp2, prescale, scores
+from .common import exp2, prescale, scores, settle
 
 
 @triton.jit
@@ -52,7 +52,8 @@ def _dq_row_start(q_ptrs, do_ptrs, o_ptrs, lse_ptrs, delta_ptrs, scale, j_in,
 @triton.jit
 def _dq_row_step(q, do, lse, delta, k_ptrs, vt_ptrs, mask_ptrs, bias, dq, k_in, scale,
                  LOAD_MASKED: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_L: tl.constexpr, Q_PRESCALED: tl.constexpr,
-                 ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr):
+                 ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr,
+                 SETTLE: tl.constexpr):
     """One key block of one row: recompute p, then dq += (p ∘ (dO·vᵀ − delta)) · k."""
     if LOAD_MASKED:
         k_tile = tl.load(k_ptrs, mask=k_in[:, None], other=0.0)
@@ -69,7 +70,8 @@ def _dq_row_step(q, do, lse, delta, k_ptrs, vt_ptrs, mask_ptrs, bias, dq, k_in, 
         p = tl.where(k_in[None, :], p, 0.0)
     dp = tl.dot(do, vt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    return settle(dq + tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE),
+                  SETTLE)
 
 
 @triton.jit
@@ -97,6 +99,7 @@ def attention_bwd_dq_kernel(
     FAST_EXP2: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
     ROW_OFFSET_DTYPE: tl.constexpr,
+    SETTLE: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -147,12 +150,12 @@ def attention_bwd_dq_kernel(
         dq0 = _dq_row_step(q0, do0, lse0, delta0, k_base + row0 * stride_ki + k_rel,
                            v_base + row0 * stride_vi + vt_rel, mask_base + row0 * stride_mi + offs_k * stride_mk,
                            bias, dq0, k_in, scale, not EVEN_L, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE,
-                           DOT_PRECISION, FAST_EXP2)
+                           DOT_PRECISION, FAST_EXP2, SETTLE)
         if ROWS == 2:
             dq1 = _dq_row_step(q1, do1, lse1, delta1, k_base + row1 * stride_ki + k_rel,
                                v_base + row1 * stride_vi + vt_rel, mask_base + row1 * stride_mi + offs_k * stride_mk,
                                bias, dq1, k_in & k_in1_row, scale, True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE,
-                               DOT_PRECISION, FAST_EXP2)
+                               DOT_PRECISION, FAST_EXP2, SETTLE)
 
     dq_base = DQ + b * stride_dqb + h * stride_dqh + offs_j64 * stride_dqj + offs_d[None, :] * stride_dqd
     tl.store(dq_base + row0 * stride_dqi, (dq0 * scale).to(DQ.dtype.element_ty), mask=j_in[:, None])
@@ -163,7 +166,8 @@ def attention_bwd_dq_kernel(
 @triton.jit
 def _dkdv_row_step(k_tile, v_tile, keep, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, bias_t, dk, dv, j_in, scale,
                    LOAD_MASKED: tl.constexpr, APPLY_KEEP: tl.constexpr, Q_PRESCALED: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr):
+                   ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr,
+                   SETTLE: tl.constexpr):
     """One query block of one row, transposed (rows are keys): dv += pᵀ·dO, dk += dsᵀ·q.
 
     k_tile arrives prescaled (k·scale) when Q_PRESCALED, so q tiles are used as loaded: scaling them here
@@ -186,7 +190,8 @@ def _dkdv_row_step(k_tile, v_tile, keep, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, 
     dv += tl.dot(pt.to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     dpt = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     dst = pt * (dpt - delta[None, :])
-    dk += tl.dot(dst.to(q_tile.dtype), q_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    dk = settle(dk + tl.dot(dst.to(q_tile.dtype), q_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE),
+                SETTLE)
     return dk, dv
 
 
@@ -231,6 +236,7 @@ def attention_bwd_dkdv_kernel(
     FAST_EXP2: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
     ROW_OFFSET_DTYPE: tl.constexpr,
+    SETTLE: tl.constexpr,
 ):
     k_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -280,12 +286,12 @@ def attention_bwd_dkdv_kernel(
                                   do_base + row0 * stride_doi + do_rel, LSE + lse_rel + row0 * stride_li,
                                   DELTA + lse_rel + row0 * stride_li, bias_t,
                                   dk0, dv0, j_in, scale, not EVEN_L, HAS_MASK or not EVEN_L, Q_PRESCALED,
-                                  ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+                                  ACC_DTYPE, DOT_PRECISION, FAST_EXP2, SETTLE)
         if ROWS == 2:
             dk1, dv1 = _dkdv_row_step(k1, v1, keep1, q_base + row1 * stride_qi + q_rel,
                                       do_base + row1 * stride_doi + do_rel, LSE + lse_rel + row1 * stride_li,
                                       DELTA + lse_rel + row1 * stride_li, bias_t, dk1, dv1, j_in & j_in1_row, scale,
-                                      True, True, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+                                      True, True, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION, FAST_EXP2, SETTLE)
 
     dk_base = DK + b * stride_dkb + h * stride_dkh + offs_k64 * stride_dkk + offs_d[None, :] * stride_dkd
     dv_base = DV + b * stride_dvb + h * stride_dvh + offs_k64 * stride_dvk + offs_d[None, :] * stride_dvd
@@ -315,6 +321,7 @@ def attention_bwd_dbias_kernel(
     HAS_MASK: tl.constexpr,
     EVEN_L: tl.constexpr,
     Q_PRESCALED: tl.constexpr,
+    UNSCALED_SCORES: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -345,6 +352,9 @@ def attention_bwd_dbias_kernel(
         bias = tl.load(bias_ptrs).to(ACC_DTYPE)
     else:
         bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0).to(ACC_DTYPE)
+    if UNSCALED_SCORES:
+        # The accumulator of the unscaled q·kᵀ: s = scale·(q·kᵀ + bias/scale), the scale folded into exp2's FMA.
+        bias = bias / scale
 
     row_start = split * rows_per_split
     num_rows = tl.minimum(rows_per_split, R - row_start)
@@ -374,8 +384,12 @@ def attention_bwd_dbias_kernel(
             vt = tl.load(vt_ptrs, mask=k_in[None, :], other=0.0)
             lse = tl.load(LSE + lse_offs, mask=j_in, other=float("inf"))
             delta = tl.load(DELTA + lse_offs, mask=j_in, other=0.0)
-        s = scores(prescale(q_tile, scale, Q_PRESCALED), kt, bias, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
-        p = exp2(s * 1.4426950408889634 - lse[:, None], FAST_EXP2)
+        if UNSCALED_SCORES:
+            s_over_scale = tl.dot(q_tile, kt, acc=bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            p = exp2(s_over_scale * (scale * 1.4426950408889634) - lse[:, None], FAST_EXP2)
+        else:
+            s = scores(prescale(q_tile, scale, Q_PRESCALED), kt, bias, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+            p = exp2(s * 1.4426950408889634 - lse[:, None], FAST_EXP2)
         if HAS_MASK:
             keep = tl.load(MASK + b * stride_mb + row * stride_mi + offs_k * stride_mk, mask=k_in, other=0) != 0
             p = tl.where(keep[None, :], p, 0.0)

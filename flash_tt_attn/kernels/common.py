@@ -34,3 +34,16 @@ def scores(q, kt, bias, scale, Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexp
         return tl.dot(q, kt, acc=bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     else:
         return tl.dot(q, kt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * scale + bias
+
+
+@triton.jit
+def settle(x, ENABLED: tl.constexpr):
+    """x, unchanged. With ENABLED (fp32 x on a GPU) it passes through an identity that the compiler cannot
+    see through, so Triton waits for the product that made x within the same loop iteration. Without it,
+    an accumulating product (dk += ..., dq += ...) stays in flight across the loop's back edge, and ptxas
+    then serializes every wgmma of the kernel, each one followed by its own wait (its warning C7515)."""
+    if ENABLED:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return x

@@ -23,11 +23,11 @@ from .common import exp2, prescale, scores
 
 
 @triton.jit
-def _online_softmax_step(q, kt_ptrs, v_ptrs, bias, mask_ptrs, m_i, l_i, acc, k_in, row_ok, scale,
-                         ROW_MAY_BE_OUT: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_L: tl.constexpr,
-                         Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         FAST_EXP2: tl.constexpr):
-    """One key block of one row: scores, running max and sum, and the output accumulator.
+def _row_scores(q, kt_ptrs, bias, mask_ptrs, k_in, row_ok, scale,
+                ROW_MAY_BE_OUT: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_L: tl.constexpr,
+                Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of one row: the natural-log scores scale·q·k + bias (-inf where a key is excluded),
+    and the row's admitted keys.
 
     row_ok is a [BLOCK_K] block, all True or all False (is this row inside the tensor?);
     it is read only when ROW_MAY_BE_OUT.
@@ -38,23 +38,29 @@ def _online_softmax_step(q, kt_ptrs, v_ptrs, bias, mask_ptrs, m_i, l_i, acc, k_i
         kt = tl.load(kt_ptrs)
     else:
         kt = tl.load(kt_ptrs, mask=k_in[None, :], other=0.0)
-    # Natural-log scores: scale·q·k + bias.
     s = scores(q, kt, bias, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
     if HAS_MASK:
         keep = tl.load(mask_ptrs, mask=k_in, other=0) != 0
         s = tl.where(keep[None, :], s, float("-inf"))
     elif not EVEN_L:
         s = tl.where(k_in[None, :], s, float("-inf"))
+    return s, k_in
+
+
+@triton.jit
+def _online_softmax_update(s, v_ptrs, m_i, l_i, acc, k_in, LOAD_MASKED: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr):
+    """The running max and sum and the output accumulator of one row, after its scores s of one key block."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with no admitted key so far keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new) * 1.4426950408889634
     p = exp2(s * 1.4426950408889634 - m_shift[:, None], FAST_EXP2)
     alpha = exp2(m_i * 1.4426950408889634 - m_shift, FAST_EXP2)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if EVEN_L and not ROW_MAY_BE_OUT:
-        v_tile = tl.load(v_ptrs)
-    else:
+    if LOAD_MASKED:
         v_tile = tl.load(v_ptrs, mask=k_in[:, None], other=0.0)
+    else:
+        v_tile = tl.load(v_ptrs)
     acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION,
                                         out_dtype=ACC_DTYPE)
     return m_new, l_i, acc
@@ -110,6 +116,7 @@ def attention_fwd_kernel(
     FAST_EXP2: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
     ROW_OFFSET_DTYPE: tl.constexpr,
+    SCORES_FIRST: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -158,24 +165,44 @@ def attention_fwd_kernel(
             bias = tl.load(bias_ptrs).to(ACC_DTYPE)
         else:
             bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0).to(ACC_DTYPE)
-        m0, l0, acc0 = _online_softmax_step(
-            q0, k_base + row0 * stride_ki + kt_rel, v_base + row0 * stride_vi + v_rel, bias,
-            mask_base + row0 * stride_mi + mask_rel, m0, l0, acc0, k_in, k_in, scale,
-            False, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+        # Each row's scores, then each row's softmax update: with SCORES_FIRST all rows' products come
+        # before any softmax, so the compiler can interleave the rows' exponentials and reductions.
+        s0, kin0 = _row_scores(q0, k_base + row0 * stride_ki + kt_rel, bias, mask_base + row0 * stride_mi + mask_rel,
+                               k_in, k_in, scale, False, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+        if not SCORES_FIRST:
+            m0, l0, acc0 = _online_softmax_update(s0, v_base + row0 * stride_vi + v_rel, m0, l0, acc0, kin0,
+                                                  not EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS >= 2:
-            m1, l1, acc1 = _online_softmax_step(
-                q1, k_base + (row0 + 1) * stride_ki + kt_rel, v_base + (row0 + 1) * stride_vi + v_rel, bias,
-                mask_base + (row0 + 1) * stride_mi + mask_rel, m1, l1, acc1, k_in, ok1_k, scale,
-                True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+            s1, kin1 = _row_scores(q1, k_base + (row0 + 1) * stride_ki + kt_rel, bias,
+                                   mask_base + (row0 + 1) * stride_mi + mask_rel, k_in, ok1_k, scale,
+                                   True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+            if not SCORES_FIRST:
+                m1, l1, acc1 = _online_softmax_update(s1, v_base + (row0 + 1) * stride_vi + v_rel, m1, l1, acc1,
+                                                      kin1, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS >= 4:
-            m2, l2, acc2 = _online_softmax_step(
-                q2, k_base + (row0 + 2) * stride_ki + kt_rel, v_base + (row0 + 2) * stride_vi + v_rel, bias,
-                mask_base + (row0 + 2) * stride_mi + mask_rel, m2, l2, acc2, k_in, ok2_k, scale,
-                True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
-            m3, l3, acc3 = _online_softmax_step(
-                q3, k_base + (row0 + 3) * stride_ki + kt_rel, v_base + (row0 + 3) * stride_vi + v_rel, bias,
-                mask_base + (row0 + 3) * stride_mi + mask_rel, m3, l3, acc3, k_in, ok3_k, scale,
-                True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+            s2, kin2 = _row_scores(q2, k_base + (row0 + 2) * stride_ki + kt_rel, bias,
+                                   mask_base + (row0 + 2) * stride_mi + mask_rel, k_in, ok2_k, scale,
+                                   True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+            if not SCORES_FIRST:
+                m2, l2, acc2 = _online_softmax_update(s2, v_base + (row0 + 2) * stride_vi + v_rel, m2, l2, acc2,
+                                                      kin2, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+            s3, kin3 = _row_scores(q3, k_base + (row0 + 3) * stride_ki + kt_rel, bias,
+                                   mask_base + (row0 + 3) * stride_mi + mask_rel, k_in, ok3_k, scale,
+                                   True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+            if not SCORES_FIRST:
+                m3, l3, acc3 = _online_softmax_update(s3, v_base + (row0 + 3) * stride_vi + v_rel, m3, l3, acc3,
+                                                      kin3, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+        if SCORES_FIRST:
+            m0, l0, acc0 = _online_softmax_update(s0, v_base + row0 * stride_vi + v_rel, m0, l0, acc0, kin0,
+                                                  not EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+            if ROWS >= 2:
+                m1, l1, acc1 = _online_softmax_update(s1, v_base + (row0 + 1) * stride_vi + v_rel, m1, l1, acc1,
+                                                      kin1, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+            if ROWS >= 4:
+                m2, l2, acc2 = _online_softmax_update(s2, v_base + (row0 + 2) * stride_vi + v_rel, m2, l2, acc2,
+                                                      kin2, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+                m3, l3, acc3 = _online_softmax_update(s3, v_base + (row0 + 3) * stride_vi + v_rel, m3, l3, acc3,
+                                                      kin3, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
 
     o_rel = offs_j64 * stride_oj + offs_d[None, :] * stride_od
     o_base = OUT + b * stride_ob + h * stride_oh
