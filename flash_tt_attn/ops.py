@@ -143,9 +143,7 @@ def _fast_exp2(dtype: torch.dtype, device: torch.device) -> bool:
     return FAST_EXP2 and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
-# Switches for benchmarks, each compared against the other setting in a probe (PERF.md):
-# the forward issues every row's q·kᵀ product before any row's softmax (kernels/forward.py);
-FORWARD_SCORES_FIRST = True
+# Switches for benchmarks (probe 11 timed both settings; PERF.md v12):
 # dq and dk/dv wait for their accumulating product within each iteration (kernels/common.py: settle);
 SETTLE_ACCUMULATORS = True
 # the bias gradient's scores come from the unscaled q·kᵀ with bias/scale as its accumulator, so q is not
@@ -255,7 +253,7 @@ def attention_fwd(
         BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         FAST_EXP2=_fast_exp2(q.dtype, q.device), ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
-        SCORES_FIRST=FORWARD_SCORES_FIRST, **_launch_options(cfg),
+        **_launch_options(cfg),
     )
     return out, lse
 

@@ -214,15 +214,13 @@ def test_bias_gradient_with_one_or_several_row_splits(monkeypatch, splits):
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float16)
 
 
-@pytest.mark.parametrize("switches_on", [False, True], ids=["switches_off", "switches_on"])
+@pytest.mark.parametrize("unscaled", [False, True], ids=["prescaled_q", "unscaled"])
 @pytest.mark.parametrize("scale", [0.0, -0.7, 2.0])
-def test_kernel_switches_at_zero_negative_and_large_scales(monkeypatch, switches_on, scale):
-    """ops' benchmark switches that change the arithmetic on the CPU too (the forward's rows' products
-    before their softmax; the bias gradient's unscaled scores with bias/scale as the accumulator) give the
-    reference either way: at scale 0 (which the bias gradient cannot divide by), a negative scale, and a
-    scale above 1 in fp16 (q·scale could overflow, so q is not prescaled)."""
-    monkeypatch.setattr(ops, "FORWARD_SCORES_FIRST", switches_on)
-    monkeypatch.setattr(ops, "DBIAS_UNSCALED_SCORES", switches_on)
+def test_bias_gradient_scores_at_zero_negative_and_large_scales(monkeypatch, unscaled, scale):
+    """The bias gradient's two ways to its scores (unscaled q·kᵀ with bias/scale as the accumulator, or q
+    prescaled) give the reference: at scale 0 (which the first cannot divide by, so it is not used), a
+    negative scale, and a scale above 1 in fp16 (q·scale could overflow, so q is not prescaled)."""
+    monkeypatch.setattr(ops, "DBIAS_UNSCALED_SCORES", unscaled)
     q, k, v, bias, mask = make_inputs(1, 2, 5, 16, torch.float16, masked=True)
     dout = torch.randn_like(q)
     got = forward_and_grads(attention, q, k, v, bias, dout, scale=scale, mask=mask)

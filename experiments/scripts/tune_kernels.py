@@ -109,7 +109,7 @@ def bench(fn, grad_inputs=None, mode="fwd"):
 
 
 CHOOSERS = ("forward_config", "dq_config", "dkdv_config", "dbias_config", "dbias_splits")
-SWITCHES = ("FORWARD_SCORES_FIRST", "SETTLE_ACCUMULATORS", "DBIAS_UNSCALED_SCORES")
+SWITCHES = ("SETTLE_ACCUMULATORS", "DBIAS_UNSCALED_SCORES")
 
 
 def with_configs(configs, fn, *args):
@@ -185,15 +185,15 @@ def main():
     # Variants: LaunchConfig(block_j, block_k, num_warps, num_stages, rows, pipeline_all_loads, key_major_bias,
     # max_registers); "dbias_splits" fixes the bias gradient's row splits.
     P, K = True, True
-    # Probe 11 (defaults: every switch on, dk/dv at D = 32 capped at 168 registers). OLD is probe 10's
-    # defaults, the code before probe 11: every switch off and dk/dv capped at 128 registers.
+    # Probe 11 ran this script at 74186d1, where the forward's order was a third switch
+    # (FORWARD_SCORES_FIRST, now always on). Defaults: every switch on, dk/dv at D = 32 capped at 168
+    # registers. OLD is probe 10's defaults: every switch off and dk/dv capped at 128 registers.
     #   SETTLE_ACCUMULATORS: dq and dk/dv wait for their accumulating product within each iteration; ptxas
     #     serialized every wgmma of both kernels before (C7515). dk/dv then needs 175 registers (spills at 128).
     #   DBIAS_UNSCALED_SCORES: bias/scale as the accumulator of the unscaled q·kᵀ (no per-iteration q rescale).
-    #   FORWARD_SCORES_FIRST: both rows' q·kᵀ before either softmax.
-    off = {"FORWARD_SCORES_FIRST": False, "SETTLE_ACCUMULATORS": False, "DBIAS_UNSCALED_SCORES": False}
+    off = {"SETTLE_ACCUMULATORS": False, "DBIAS_UNSCALED_SCORES": False}
     old32 = dict(off, dkdv_config=(64, 64, 4, 3, 1, P, K, 128))
-    fwd32 = {"F0": None, "Fold": off}
+    fwd32 = {"F0": None}
     bwd32 = {"B0": {}, "OLD": old32, "N0": {"dkdv_config": (64, 64, 4, 3, 1, P, K)},
              "S0": {"SETTLE_ACCUMULATORS": False}, "U0": {"DBIAS_UNSCALED_SCORES": False}}
     bwd32.update(B0_again={}, OLD_again=old32)  # each timed twice

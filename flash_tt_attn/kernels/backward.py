@@ -106,6 +106,10 @@ def attention_bwd_dq_kernel(
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    if ACC_DTYPE == tl.float32:
+        # torch.compile's generated launch may pass the scale as an fp64 scalar where an eager launch passes
+        # fp32: fp64 arithmetic would round differently. (fp64 accumulation keeps the scale as passed.)
+        scale = tl.cast(scale, tl.float32)
     row1 = row0 + 1
 
     offs_j = j_block * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -243,6 +247,10 @@ def attention_bwd_dkdv_kernel(
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    if ACC_DTYPE == tl.float32:
+        # torch.compile's generated launch may pass the scale as an fp64 scalar where an eager launch passes
+        # fp32: fp64 arithmetic would round differently. (fp64 accumulation keeps the scale as passed.)
+        scale = tl.cast(scale, tl.float32)
     row1 = row0 + 1
 
     offs_k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -335,6 +343,10 @@ def attention_bwd_dbias_kernel(
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    if ACC_DTYPE == tl.float32:
+        # torch.compile's generated launch may pass the scale as an fp64 scalar where an eager launch passes
+        # fp32: fp64 arithmetic would round differently. (fp64 accumulation keeps the scale as passed.)
+        scale = tl.cast(scale, tl.float32)
     num_k_blocks = tl.cdiv(L, BLOCK_K)
     j_block = jk_block // num_k_blocks
     k_block = jk_block % num_k_blocks

@@ -116,13 +116,16 @@ def attention_fwd_kernel(
     FAST_EXP2: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
     ROW_OFFSET_DTYPE: tl.constexpr,
-    SCORES_FIRST: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    if ACC_DTYPE == tl.float32:
+        # torch.compile's generated launch may pass the scale as an fp64 scalar where an eager launch passes
+        # fp32: fp64 arithmetic would round differently. (fp64 accumulation keeps the scale as passed.)
+        scale = tl.cast(scale, tl.float32)
 
     offs_j = j_block * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -165,44 +168,31 @@ def attention_fwd_kernel(
             bias = tl.load(bias_ptrs).to(ACC_DTYPE)
         else:
             bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0).to(ACC_DTYPE)
-        # Each row's scores, then each row's softmax update: with SCORES_FIRST all rows' products come
-        # before any softmax, so the compiler can interleave the rows' exponentials and reductions.
+        # Every row's q·kᵀ product first, then every row's softmax: the rows' exponentials and reductions
+        # are then independent work in one stretch of code, which the compiler interleaves (probe 11).
         s0, kin0 = _row_scores(q0, k_base + row0 * stride_ki + kt_rel, bias, mask_base + row0 * stride_mi + mask_rel,
                                k_in, k_in, scale, False, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
-        if not SCORES_FIRST:
-            m0, l0, acc0 = _online_softmax_update(s0, v_base + row0 * stride_vi + v_rel, m0, l0, acc0, kin0,
-                                                  not EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS >= 2:
             s1, kin1 = _row_scores(q1, k_base + (row0 + 1) * stride_ki + kt_rel, bias,
                                    mask_base + (row0 + 1) * stride_mi + mask_rel, k_in, ok1_k, scale,
                                    True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
-            if not SCORES_FIRST:
-                m1, l1, acc1 = _online_softmax_update(s1, v_base + (row0 + 1) * stride_vi + v_rel, m1, l1, acc1,
-                                                      kin1, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS >= 4:
             s2, kin2 = _row_scores(q2, k_base + (row0 + 2) * stride_ki + kt_rel, bias,
                                    mask_base + (row0 + 2) * stride_mi + mask_rel, k_in, ok2_k, scale,
                                    True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
-            if not SCORES_FIRST:
-                m2, l2, acc2 = _online_softmax_update(s2, v_base + (row0 + 2) * stride_vi + v_rel, m2, l2, acc2,
-                                                      kin2, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
             s3, kin3 = _row_scores(q3, k_base + (row0 + 3) * stride_ki + kt_rel, bias,
                                    mask_base + (row0 + 3) * stride_mi + mask_rel, k_in, ok3_k, scale,
                                    True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
-            if not SCORES_FIRST:
-                m3, l3, acc3 = _online_softmax_update(s3, v_base + (row0 + 3) * stride_vi + v_rel, m3, l3, acc3,
-                                                      kin3, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
-        if SCORES_FIRST:
-            m0, l0, acc0 = _online_softmax_update(s0, v_base + row0 * stride_vi + v_rel, m0, l0, acc0, kin0,
-                                                  not EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
-            if ROWS >= 2:
-                m1, l1, acc1 = _online_softmax_update(s1, v_base + (row0 + 1) * stride_vi + v_rel, m1, l1, acc1,
-                                                      kin1, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
-            if ROWS >= 4:
-                m2, l2, acc2 = _online_softmax_update(s2, v_base + (row0 + 2) * stride_vi + v_rel, m2, l2, acc2,
-                                                      kin2, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
-                m3, l3, acc3 = _online_softmax_update(s3, v_base + (row0 + 3) * stride_vi + v_rel, m3, l3, acc3,
-                                                      kin3, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+        m0, l0, acc0 = _online_softmax_update(s0, v_base + row0 * stride_vi + v_rel, m0, l0, acc0, kin0,
+                                              not EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+        if ROWS >= 2:
+            m1, l1, acc1 = _online_softmax_update(s1, v_base + (row0 + 1) * stride_vi + v_rel, m1, l1, acc1,
+                                                  kin1, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+        if ROWS >= 4:
+            m2, l2, acc2 = _online_softmax_update(s2, v_base + (row0 + 2) * stride_vi + v_rel, m2, l2, acc2,
+                                                  kin2, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+            m3, l3, acc3 = _online_softmax_update(s3, v_base + (row0 + 3) * stride_vi + v_rel, m3, l3, acc3,
+                                                  kin3, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
 
     o_rel = offs_j64 * stride_oj + offs_d[None, :] * stride_od
     o_base = OUT + b * stride_ob + h * stride_oh
