@@ -15,10 +15,14 @@ bitwise reproducible:
   up in a fixed order when there is more than one split.
 
 Conventions shared with the forward: the scale goes into one operand once, in its own
-dtype (q in dq and dbias, the loop-invariant k block in dk/dv, whose dk takes the scale
-at the end), unless that could overflow fp16 (``Q_PRESCALED`` false: the scale then
-multiplies the fp32 product); the bias tile is the accumulator of the q·kᵀ product
-(natural-log scores s), and p = exp2(s·log2(e) − lse) with lse in base 2. ``EVEN_L``
+dtype (q in dq, the loop-invariant k block in dk/dv, whose dk takes the scale at the
+end), unless that could overflow fp16 (``Q_PRESCALED`` false: the scale then multiplies
+the fp32 product); the bias tile is the accumulator of the q·kᵀ product (natural-log
+scores s), and p = exp2(s·log2(e) − lse) with lse in base 2. The bias gradient, whose
+q and k both change every iteration, scales neither: with ``UNSCALED_SCORES`` (any
+nonzero scale) its accumulator is bias/scale and the scale joins log2(e) in exp2's FMA.
+dq and dk/dv pass their accumulating product through ``settle`` (common.py) when
+``SETTLE``: without it ptxas serializes every wgmma of those kernels. ``EVEN_L``
 (L a multiple of both blocks) drops every bounds mask. ``LOOP_STAGES`` (None or the
 launch's num_stages) and ``ROW_OFFSET_DTYPE`` (int32 or int64) are explained in ops.py.
 """
