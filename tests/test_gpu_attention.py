@@ -73,6 +73,7 @@ def test_compile_fullgraph_matches_eager():
     compiled = torch.compile(attention, fullgraph=True)
     got = forward_and_grads(compiled, q, k, v, bias, dout, mask=mask)
     want = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
-    # Same kernels; Inductor may reduce the dbias partial sums in another (fixed) order.
-    for g, w in zip(got, want, strict=True):
-        assert ((g.double() - w.double()).norm() / w.double().norm()).item() <= 1e-3
+    # The same kernels with the same arguments: the kernels cast the scale to fp32, which Inductor's launch
+    # passes as fp64 (kernels/common.py), so the results are bitwise equal, not just close.
+    for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want, strict=True):
+        assert torch.equal(g, w), name

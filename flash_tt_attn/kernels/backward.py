@@ -110,9 +110,7 @@ def attention_bwd_dq_kernel(
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    if ACC_DTYPE == tl.float32:
-        # torch.compile's generated launch may pass the scale as an fp64 scalar where an eager launch passes
-        # fp32: fp64 arithmetic would round differently. (fp64 accumulation keeps the scale as passed.)
+    if ACC_DTYPE == tl.float32:  # as an eager launch passes it, also under torch.compile (common.py)
         scale = tl.cast(scale, tl.float32)
     row1 = row0 + 1
 
@@ -251,9 +249,7 @@ def attention_bwd_dkdv_kernel(
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    if ACC_DTYPE == tl.float32:
-        # torch.compile's generated launch may pass the scale as an fp64 scalar where an eager launch passes
-        # fp32: fp64 arithmetic would round differently. (fp64 accumulation keeps the scale as passed.)
+    if ACC_DTYPE == tl.float32:  # as an eager launch passes it, also under torch.compile (common.py)
         scale = tl.cast(scale, tl.float32)
     row1 = row0 + 1
 
@@ -347,9 +343,7 @@ def attention_bwd_dbias_kernel(
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    if ACC_DTYPE == tl.float32:
-        # torch.compile's generated launch may pass the scale as an fp64 scalar where an eager launch passes
-        # fp32: fp64 arithmetic would round differently. (fp64 accumulation keeps the scale as passed.)
+    if ACC_DTYPE == tl.float32:  # as an eager launch passes it, also under torch.compile (common.py)
         scale = tl.cast(scale, tl.float32)
     num_k_blocks = tl.cdiv(L, BLOCK_K)
     j_block = jk_block // num_k_blocks

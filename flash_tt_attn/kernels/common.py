@@ -1,4 +1,10 @@
-"""Small device functions shared by the kernels."""
+"""Small device functions shared by the kernels.
+
+Every kernel starts with ``if ACC_DTYPE == tl.float32: scale = tl.cast(scale, tl.float32)``: an eager launch
+passes a Python float as an fp32 scalar, but torch.compile's generated launch may pass it as fp64 (Inductor's
+``_use_fp64_for_unbacked_floats``), and fp64 arithmetic on it would round differently from eager (it made dq
+and dk differ bitwise). It is inline, not a function here: in the interpreter, a function's returned Python
+float comes back as an fp32 value, and the fp64 path must keep the scale at full precision."""
 
 import triton
 import triton.language as tl

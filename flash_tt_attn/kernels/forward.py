@@ -122,9 +122,7 @@ def attention_fwd_kernel(
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    if ACC_DTYPE == tl.float32:
-        # torch.compile's generated launch may pass the scale as an fp64 scalar where an eager launch passes
-        # fp32: fp64 arithmetic would round differently. (fp64 accumulation keeps the scale as passed.)
+    if ACC_DTYPE == tl.float32:  # as an eager launch passes it, also under torch.compile (common.py)
         scale = tl.cast(scale, tl.float32)
 
     offs_j = j_block * BLOCK_J + tl.arange(0, BLOCK_J)
