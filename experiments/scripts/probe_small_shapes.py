@@ -9,12 +9,10 @@ import sys
 import torch
 import tune_kernels as tk
 
-P, K = True, True
 VARIANTS = {
     "default": {},
-    "OLD": {"SETTLE_ACCUMULATORS": False, "DBIAS_UNSCALED_SCORES": False,
-            "dkdv_config": (64, 64, 4, 3, 1, P, K, 128)},
-    "S0_cap128": {"SETTLE_ACCUMULATORS": False, "dkdv_config": (64, 64, 4, 3, 1, P, K, 128)},
+    "OLD": tk.OLD_D32,
+    "S0_cap128": {"SETTLE_ACCUMULATORS": False, "dkdv_config": tk.OLD_D32["dkdv_config"]},
     "U0": {"DBIAS_UNSCALED_SCORES": False},
 }
 SHAPES = [(4, 8, 256, 32, torch.float16), (1, 4, 512, 32, torch.bfloat16)]
@@ -29,26 +27,13 @@ def probe_shape(B, H, L, D, dtype):
     def call():
         return tk.attention(q, k, v, bias)
 
-    def profile():
-        for _ in range(3):
-            torch.autograd.grad(call(), inputs, do)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                torch.autograd.grad(call(), inputs, do)
-            torch.cuda.synchronize()
-        return prof
-
     for repeat in range(2):
         for name, configs in VARIANTS.items():
             ms, p20, p80, peak = tk.with_configs(configs, tk.bench, call, inputs, "fwd_bwd")
             tk.log(kind="time", provider="flash_tt_attn", mode="fwd_bwd", cfg=name, repeat=repeat, ms=ms,
                    p20=p20, p80=p80, peak_mb=peak, **shape)
     for name, configs in VARIANTS.items():
-        prof = tk.with_configs(configs, profile)
-        for evt in prof.key_averages():
-            if evt.device_time_total > 0:
-                tk.log(kind="profile", cfg=name, name=evt.key[:60], ms_per_call=evt.device_time_total / 10 / 1000,
-                       calls=evt.count, **shape)
+        tk.log_kernel_profile(name, configs, call, inputs, do, warmup=3, runs=10, **shape)
 
 
 def main():

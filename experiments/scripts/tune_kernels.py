@@ -130,7 +130,28 @@ def with_configs(configs, fn, *args):
             setattr(ops, name, chooser)
 
 
-def time_target(target, fv, bv, all_pipe):
+# Probe 10's code, before probe 11: both switches off, dk/dv at D = 32 capped at 128 registers.
+SWITCHES_OFF = {"SETTLE_ACCUMULATORS": False, "DBIAS_UNSCALED_SCORES": False}
+OLD_D32 = dict(SWITCHES_OFF, dkdv_config=(64, 64, 4, 3, 1, True, True, 128))
+
+
+def log_kernel_profile(tag, configs, call, inputs, dout, warmup, runs, **fields):
+    """Device time per kernel of forward+backward calls under configs (see with_configs), one row each."""
+    def profile():
+        for _ in range(warmup):
+            torch.autograd.grad(call(), inputs, dout)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(runs):
+                torch.autograd.grad(call(), inputs, dout)
+            torch.cuda.synchronize()
+        return prof
+    for evt in with_configs(configs, profile).key_averages():
+        if evt.device_time_total > 0:
+            log(kind="profile", cfg=tag, name=evt.key[:60], ms_per_call=evt.device_time_total / runs / 1000,
+                calls=evt.count, **fields)
+
+
+def time_target(target, fv, bv, profiled):
     B, H, L, D, dtype = target
     q, k, v, bias = make(B, H, L, D, dtype)
     inputs = (q, k, v, bias)
@@ -160,23 +181,10 @@ def time_target(target, fv, bv, all_pipe):
             log(kind="time", provider="flex", mode=mode, error=repr(e)[:300], **shape)
     if L != 512 or D != 32:
         return
-    # where the time goes, per kernel: defaults, then everything pipelined
+    # where the time goes, per kernel
     do = torch.randn_like(q)
-
-    def profile():
-        for _ in range(2):
-            torch.autograd.grad(call(), inputs, do)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                torch.autograd.grad(call(), inputs, do)
-            torch.cuda.synchronize()
-        return prof
-    for tag, configs in (("default", {}), ("OLD", all_pipe), ("N0", {"dkdv_config": (64, 64, 4, 3, 1, True, True)})):
-        prof = with_configs(configs, profile)
-        for evt in prof.key_averages():
-            if evt.device_time_total > 0:
-                log(kind="profile", cfg=tag, name=evt.key[:60], ms_per_call=evt.device_time_total / 5 / 1000,
-                    calls=evt.count)
+    for tag, configs in profiled.items():
+        log_kernel_profile(tag, configs, call, inputs, do, warmup=2, runs=5)
 
 
 def main():
@@ -191,8 +199,7 @@ def main():
     #   SETTLE_ACCUMULATORS: dq and dk/dv wait for their accumulating product within each iteration; ptxas
     #     serialized every wgmma of both kernels before (C7515). dk/dv then needs 175 registers (spills at 128).
     #   DBIAS_UNSCALED_SCORES: bias/scale as the accumulator of the unscaled q·kᵀ (no per-iteration q rescale).
-    off = {"SETTLE_ACCUMULATORS": False, "DBIAS_UNSCALED_SCORES": False}
-    old32 = dict(off, dkdv_config=(64, 64, 4, 3, 1, P, K, 128))
+    off, old32 = SWITCHES_OFF, OLD_D32
     fwd32 = {"F0": None}
     bwd32 = {"B0": {}, "OLD": old32, "N0": {"dkdv_config": (64, 64, 4, 3, 1, P, K)},
              "S0": {"SETTLE_ACCUMULATORS": False}, "U0": {"DBIAS_UNSCALED_SCORES": False}}
@@ -224,9 +231,8 @@ def main():
     def grads_once():
         o = attention(*det_inputs)
         return [o] + list(torch.autograd.grad(o, det_inputs, det_dout))
-    all_pipe = old32  # also profiled below
-    first = with_configs(all_pipe, grads_once)
-    same = all(all(torch.equal(a, b) for a, b in zip(first, with_configs(all_pipe, grads_once), strict=True))
+    first = with_configs(old32, grads_once)
+    same = all(all(torch.equal(a, b) for a, b in zip(first, with_configs(old32, grads_once), strict=True))
                for _ in range(20))
     first_new = grads_once()
     same_new = all(all(torch.equal(a, b) for a, b in zip(first_new, grads_once(), strict=True)) for _ in range(20))
@@ -256,7 +262,7 @@ def main():
     for target, fv, bv in targets:
         if not BOTH and (target[3] == 32) == WIDE:
             continue
-        time_target(target, fv, bv, all_pipe)
+        time_target(target, fv, bv, {"default": {}, "OLD": old32, "N0": bwd32["N0"]})
         torch.cuda.empty_cache()
 
     print("\nSUMMARY")
