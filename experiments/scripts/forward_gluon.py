@@ -5,7 +5,8 @@ blocks, the bias tile loaded once for both rows), with what Triton's `tl.dot` ca
 wgmma and explicit waits. Each iteration issues both rows' q·kᵀ, waits for row 0's alone and runs its
 softmax while row 1's product is in flight, then issues row 0's P·V and runs row 1's softmax while that
 one is in flight. Loads are cp.async into NUM_STAGES shared-memory buffers, PREFETCH tiles ahead. Contiguous
-16-bit inputs with L a multiple of 64 only; no mask. A probe (PERF.md, probe 13), not part of the library.
+16-bit inputs with L a multiple of 64 only; no mask. A probe, not part of the library: probe 13 measured it
+2–6% slower than the Triton forward at 168 registers (PERF.md has why).
 """
 
 import torch
@@ -31,7 +32,7 @@ def _ex2(x):
 
 @gluon.jit
 def _issue_tile(k_bufs0, k_bufs1, v_bufs0, v_bufs1, bias_bufs, stage, k_row0, k_row1, v_row0, v_row1, bias_rows,
-                k_start, offs_kv_r, offs_kv_c, offs_b_r, offs_b_c, stride_kk, stride_vk, stride_bk):
+                k_start, offs_kv_r, offs_kv_c, offs_b_c, stride_kk, stride_vk, stride_bk):
     kv_rel = (k_start + offs_kv_r)[:, None] * stride_kk + offs_kv_c[None, :]
     vv_rel = (k_start + offs_kv_r)[:, None] * stride_vk + offs_kv_c[None, :]
     async_copy.async_copy_global_to_shared(k_bufs0.index(stage), k_row0 + kv_rel)
@@ -122,7 +123,7 @@ def attention_fwd_gluon_kernel(
     n_iters = L // BLOCK_K
     for t in gl.static_range(PREFETCH):
         _issue_tile(k_bufs0, k_bufs1, v_bufs0, v_bufs1, bias_bufs, t, k_row0, k_row1, v_row0, v_row1, bias_rows,
-                    t * BLOCK_K, offs_kv_r, offs_kv_c, offs_b_r, offs_b_c, stride_kk, stride_vk, stride_bk)
+                    t * BLOCK_K, offs_kv_r, offs_kv_c, offs_b_c, stride_kk, stride_vk, stride_bk)
         async_copy.commit_group()
 
     m0 = gl.full([BLOCK_J], float("-inf"), gl.float32, layout=s_row)
@@ -141,7 +142,7 @@ def attention_fwd_gluon_kernel(
         nxt = it + PREFETCH
         if nxt < n_iters:
             _issue_tile(k_bufs0, k_bufs1, v_bufs0, v_bufs1, bias_bufs, nxt % NUM_STAGES, k_row0, k_row1, v_row0,
-                        v_row1, bias_rows, nxt * BLOCK_K, offs_kv_r, offs_kv_c, offs_b_r, offs_b_c,
+                        v_row1, bias_rows, nxt * BLOCK_K, offs_kv_r, offs_kv_c, offs_b_c,
                         stride_kk, stride_vk, stride_bk)
         async_copy.commit_group()
         fence_async_shared()
