@@ -21,16 +21,12 @@ TIMED = [(4, 8, 256, 32, torch.float16), (4, 8, 512, 32, torch.float16), (4, 8, 
          (1, 4, 512, 64, torch.bfloat16)]
 
 
-def triton_forward(q, k, v, bias, scale):
-    return torch.ops.flash_tt_attn.attention_fwd(q, k, v, bias, None, scale)
-
-
 def check(B, H, R, L, D, dtype):
     q, k, v, bias = tk.make(B, H, L, D, dtype, grad=False)
     q, k, v = (t[:, :, :R].contiguous() for t in (q, k, v))  # R rows i of L
     scale = D**-0.5
     ref = attention_reference(q.double(), k.double(), v.double(), bias.double(), scale)
-    out, lse = triton_forward(q, k, v, bias, scale)
+    out, lse = tk.forward_op(q, k, v, bias, scale)
     for name, options in VARIANTS.items():
         g_out, g_lse = forward_gluon.launch(q, k, v, bias, scale, **options)
         tk.log(kind="check", variant=name, B=B, H=H, R=R, L=L, D=D, dtype=str(dtype), err_vs_fp64=tk.rel(g_out, ref),
@@ -43,7 +39,7 @@ def time_shape(B, H, L, D, dtype):
     scale = D**-0.5
     shape = dict(B=B, H=H, L=L, D=D, dtype=str(dtype))
     for repeat in range(2):
-        ms, p20, p80, _ = tk.bench(functools.partial(triton_forward, q, k, v, bias, scale))
+        ms, p20, p80, _ = tk.bench(functools.partial(tk.forward_op, q, k, v, bias, scale))
         tk.log(kind="time", variant="triton", rep=repeat, ms=ms, p20=p20, p80=p80, **shape)
         for name, options in VARIANTS.items():
             if D == 64 and name != "g_ns3":

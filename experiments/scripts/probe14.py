@@ -100,10 +100,6 @@ def forward(kernels, q, k, v, bias, scale, soft, maxnreg):
     return out, lse
 
 
-def ops_forward(q, k, v, bias, scale):
-    return torch.ops.flash_tt_attn.attention_fwd(q, k, v, bias, None, scale)
-
-
 def main():
     kernels = soft_exp_forward_module(tk.OUT)
     tk.log(kind="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=tk.triton.__version__)
@@ -111,7 +107,7 @@ def main():
         q, k, v, bias = tk.make(1, 2, L, 32, dtype, grad=False)
         scale = 32**-0.5
         ref = attention_reference(q.double(), k.double(), v.double(), bias.double(), scale)
-        shipped, _ = ops_forward(q, k, v, bias, scale)
+        shipped, _ = tk.forward_op(q, k, v, bias, scale)
         for name, (soft, maxnreg) in VARIANTS.items():
             out, _ = forward(kernels, q, k, v, bias, scale, soft, maxnreg)
             tk.log(kind="check", variant=name, L=L, D=32, dtype=str(dtype), err_vs_fp64=tk.rel(out, ref),
@@ -122,7 +118,7 @@ def main():
         scale = 32**-0.5
         shape = dict(B=B, H=H, L=L, D=32, dtype=str(dtype))
         for repeat in range(2):
-            ms, p20, p80, _ = tk.bench(functools.partial(ops_forward, q, k, v, bias, scale))
+            ms, p20, p80, _ = tk.bench(functools.partial(tk.forward_op, q, k, v, bias, scale))
             tk.log(kind="time", variant="ops", rep=repeat, ms=ms, p20=p20, p80=p80, **shape)
             for name, (soft, maxnreg) in VARIANTS.items():
                 ms, p20, p80, _ = tk.bench(functools.partial(forward, kernels, q, k, v, bias, scale, soft, maxnreg))

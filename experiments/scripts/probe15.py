@@ -21,15 +21,9 @@ VARIANTS = {
 }
 
 
-def forward(q, k, v, bias, scale):
-    return torch.ops.flash_tt_attn.attention_fwd(q, k, v, bias, None, scale)
-
-
-def with_config(cfg, fn):
-    """fn with the forward's config chooser replaced by cfg (None: the shipped chooser)."""
-    if cfg is None:
-        return fn()
-    return tk.with_configs({"forward_config": cfg}, fn)
+def configs(cfg):
+    """tune_kernels.with_configs' argument: the forward's chooser fixed to cfg, or left alone (None)."""
+    return {} if cfg is None else {"forward_config": cfg}
 
 
 def main():
@@ -40,7 +34,7 @@ def main():
         scale = D**-0.5
         ref = attention_reference(q.double(), k.double(), v.double(), bias.double(), scale)
         for name, cfg in VARIANTS[D].items():
-            out, _ = with_config(cfg, functools.partial(forward, q, k, v, bias, scale))
+            out, _ = tk.with_configs(configs(cfg), tk.forward_op, q, k, v, bias, scale)
             tk.log(kind="check", variant=name, L=L, D=D, dtype=str(dtype), err_vs_fp64=tk.rel(out, ref))
     for B, H, L, D, dtype in [(4, 8, 512, 32, torch.float16), (4, 8, 256, 32, torch.float16),
                               (1, 4, 1024, 32, torch.bfloat16), (1, 4, 512, 128, torch.bfloat16)]:
@@ -48,8 +42,8 @@ def main():
         scale = D**-0.5
         for repeat in range(2):
             for name, cfg in VARIANTS[D].items():
-                ms, p20, p80, _ = with_config(cfg, functools.partial(tk.bench,
-                                                                     functools.partial(forward, q, k, v, bias, scale)))
+                ms, p20, p80, _ = tk.with_configs(configs(cfg), tk.bench,
+                                                  functools.partial(tk.forward_op, q, k, v, bias, scale))
                 tk.log(kind="time", variant=name, rep=repeat, B=B, H=H, L=L, D=D, dtype=str(dtype), ms=ms, p20=p20,
                        p80=p80)
         torch.cuda.empty_cache()
