@@ -44,6 +44,9 @@ class LaunchConfig:
     which the row-major bias can only give through scattered 2-byte loads and byte shuffles.
     max_registers: cap on registers per thread (Triton's ``maxnreg``), so that more programs fit on
     an SM; None leaves the choice to the compiler.
+    settle: (dq and dk/dv only) wait for the accumulating product within each iteration
+    (kernels/common.py: ``settle``); False leaves it in flight across the loop's back edge, and
+    ptxas then serializes the kernel's wgmmas, which needs fewer registers.
     """
 
     block_j: int
@@ -54,6 +57,7 @@ class LaunchConfig:
     pipeline_all_loads: bool = False
     key_major_bias: bool = False
     max_registers: Optional[int] = None
+    settle: bool = True
 
     @property
     def loop_stages(self) -> Optional[int]:
@@ -151,9 +155,9 @@ SETTLE_ACCUMULATORS = True
 DBIAS_UNSCALED_SCORES = True
 
 
-def _settle(dtype: torch.dtype, device: torch.device) -> bool:
+def _settle(dtype: torch.dtype, device: torch.device, cfg: LaunchConfig) -> bool:
     # An fp32 register identity in inline PTX: GPU only, and only where the accumulators are fp32.
-    return SETTLE_ACCUMULATORS and device.type == "cuda" and dtype != torch.float64
+    return SETTLE_ACCUMULATORS and cfg.settle and device.type == "cuda" and dtype != torch.float64
 
 
 def _dbias_unscaled_scores(scale: float) -> bool:
@@ -271,7 +275,7 @@ def _launch_dq(dout, q, k, v, bias, mask_args, out, lse, delta, scale, common) -
         *q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
         H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
-        SETTLE=_settle(q.dtype, q.device), **common, **_tile_args(L, cfg), **_launch_options(cfg),
+        SETTLE=_settle(q.dtype, q.device, cfg), **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
     return dq
 
@@ -328,7 +332,7 @@ def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> t
         *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
         *bias_tiles.stride(), *mask_strides, *lse.stride(),
         H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, q, dout),
-        SETTLE=_settle(q.dtype, q.device), **common, **_tile_args(L, cfg), **_launch_options(cfg),
+        SETTLE=_settle(q.dtype, q.device, cfg), **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
     return dk, dv
 
