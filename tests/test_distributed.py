@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 import time
 import traceback
 
@@ -178,7 +179,14 @@ def _cases(group, expected):
 @contextlib.contextmanager
 def _reported(rank, result_dir):
     """A worker's body: leaves ok-<rank> or error-<rank> (its traceback) for _spawn, and always tears the
-    process group down."""
+    process group down.
+
+    A rank that passed leaves with os._exit(0), skipping the interpreter's finalization: there, about
+    once in 20 runs on 2 CPU cores, a thread of torch's gloo backend is destroyed while still joinable
+    and the process aborts ("terminate called without an active exception", SIGABRT, no Python frame
+    left), after every rank has written ok-<rank> and destroyed its group. That is torch's teardown,
+    not this library's code, and it must not turn a passing test red.
+    """
     try:
         yield
         dist.barrier()
@@ -190,6 +198,9 @@ def _reported(rank, result_dir):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _worker(rank, world, init_file, result_dir):
