@@ -95,7 +95,7 @@ def part_c():
                 ms, p20, p80, _ = tk.with_configs(configs, tk.bench,
                                                   functools.partial(tk.forward_op, q, k, v, bias, scale))
                 tk.log(kind="time", part="C", mode="fwd", variant=name, rep=repeat, ms=ms, p20=p20, p80=p80,
-                       ns_per_mega_score=ms * 1e6 / (B * H * L**3), **shape)
+                       ns_per_score=ms * 1e6 / (B * H * L**3), **shape)
 
 
 def main():
