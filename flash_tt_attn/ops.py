@@ -19,14 +19,12 @@ import triton
 import triton.language as tl
 from torch._library.triton import is_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._compat import env_flag
 from .errors import out_of_memory
 from .kernels.backward import (
     attention_bwd_dbias_kernel,
     attention_bwd_dkdv_kernel,
-    attention_bwd_dkdv_tma_kernel,
     attention_bwd_dq_kernel,
     sum_row_splits_kernel,
 )
@@ -49,9 +47,6 @@ class LaunchConfig:
     settle: (dq and dk/dv only) wait for the accumulating product within each iteration
     (kernels/common.py: ``settle``); False leaves it in flight across the loop's back edge, and
     ptxas then serializes the kernel's wgmmas, which needs fewer registers.
-    descriptor_loads: (dk/dv only, with key_major_bias) read the loop's q, dO and bias tiles through
-    tensor descriptors (TMA on Hopper) where the call allows it (see ``dkdv_descriptor_loads``);
-    elsewhere the pointer kernel runs. Same arithmetic, bitwise the same dk and dv.
     """
 
     block_j: int
@@ -63,7 +58,6 @@ class LaunchConfig:
     key_major_bias: bool = False
     max_registers: Optional[int] = None
     settle: bool = True
-    descriptor_loads: bool = False
 
     @property
     def loop_stages(self) -> Optional[int]:
@@ -126,9 +120,7 @@ def dkdv_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device)
         return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
     # 168 registers (175 uncapped, no spills): three programs per SM instead of two. Waiting for dk
     # within each iteration (SETTLE_ACCUMULATORS) needs more registers than probe 10's cap of 128.
-    # Descriptor loads: 7-21% faster at every D = 32 target (probe 17); untimed at D = 64 and 128.
-    return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True, key_major_bias=True, max_registers=168,
-                        descriptor_loads=True)
+    return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True, key_major_bias=True, max_registers=168)
 
 
 def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
@@ -323,24 +315,6 @@ def _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common, pla
     return dbias
 
 
-def dkdv_descriptor_loads(q: torch.Tensor, dout: torch.Tensor, cfg: LaunchConfig) -> bool:
-    """Whether dk/dv runs its descriptor-load kernel: the config asks for it (with the key-major bias copy
-    and one row per program), L is a multiple of both blocks, q and dO are contiguous with 16-byte aligned
-    storage (they are then (B·H·R·L, D) matrices), the descriptors' int32 coordinates fit, the GPU has TMA
-    (Hopper or newer; the interpreter emulates descriptors), and torch.compile is not tracing the launch
-    (it gets the pointer kernel, which gives the same bits)."""
-    B, H, R, L, D = q.shape
-    if not (cfg.descriptor_loads and cfg.key_major_bias and cfg.rows == 1 and _even(L, cfg)):
-        return False
-    if is_wrap_triton_enabled() or B * H * R * L >= 2**31:
-        return False
-    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, dout)):
-        return False
-    if q.device.type == "cuda":
-        return torch.cuda.get_device_capability(q.device)[0] >= 9
-    return KERNELS_INTERPRETED
-
-
 def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> tuple[torch.Tensor, torch.Tensor]:
     """dk and dv, from the delta that the dq kernel wrote."""
     B, H, R, L, D = q.shape
@@ -350,19 +324,6 @@ def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> t
     cfg = dkdv_config(L, D, q.dtype, q.device)
     if cfg.rows not in (1, 2):
         raise ValueError(f"the dk/dv kernel takes 1 or 2 rows per program, not {cfg.rows}")
-    settle = _settle(q.dtype, q.device, cfg)
-    if dkdv_descriptor_loads(q, dout, cfg):
-        key_major = bias.mT.contiguous()  # (B, H, L_k, L_j); no copy if the bias already is key-major
-        descriptors = (TensorDescriptor.from_tensor(q.view(-1, D), [cfg.block_j, D]),
-                       TensorDescriptor.from_tensor(dout.view(-1, D), [cfg.block_j, D]),
-                       TensorDescriptor.from_tensor(key_major.view(-1, L), [cfg.block_k, cfg.block_j]))
-        wrap_triton(attention_bwd_dkdv_tma_kernel)[(triton.cdiv(L, cfg.block_k), R, B * H)](
-            *descriptors, k, v, mask_t, lse, delta, dk, dv,
-            *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *mask_strides, *lse.stride(),
-            H, R, L, scale, SETTLE=settle, **common, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k,
-            **_launch_options(cfg),
-        )
-        return dk, dv
     # The same bias values, strided key-major (a copy unless it already is, as for the ending node's
     # transposed view): this kernel's transposed tiles then load as contiguous vectors.
     bias_tiles = bias.mT.contiguous().mT if cfg.key_major_bias else bias
@@ -371,7 +332,7 @@ def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> t
         *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
         *bias_tiles.stride(), *mask_strides, *lse.stride(),
         H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, q, dout),
-        SETTLE=settle, **common, **_tile_args(L, cfg), **_launch_options(cfg),
+        SETTLE=_settle(q.dtype, q.device, cfg), **common, **_tile_args(L, cfg), **_launch_options(cfg),
     )
     return dk, dv
 

@@ -204,60 +204,6 @@ def test_dkdv_reading_a_key_major_copy_of_the_bias(monkeypatch, bias_view):
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float32)
 
 
-def _spy_on_descriptor_choice(monkeypatch):
-    """Records what ops.dkdv_descriptor_loads decides on every backward."""
-    decisions = []
-    choose = ops.dkdv_descriptor_loads
-
-    def recording(*args):
-        decisions.append(choose(*args))
-        return decisions[-1]
-    monkeypatch.setattr(ops, "dkdv_descriptor_loads", recording)
-    return decisions
-
-
-@pytest.mark.parametrize("dtype,masked,bias_view", [
-    pytest.param(torch.float16, True, "row_major", id="fp16-mask"),
-    pytest.param(torch.float32, False, "row_major", id="fp32"),
-    pytest.param(torch.float16, False, "transposed_view", id="fp16-key-major-bias"),
-])
-def test_dkdv_descriptor_loads_give_the_pointer_kernels_bits(monkeypatch, dtype, masked, bias_view):
-    """descriptor_loads: dk/dv read q, dO and the bias tiles through tensor descriptors; the arithmetic is
-    the pointer kernel's, so every gradient must be bitwise the same, and close to fp64."""
-    decisions = _spy_on_descriptor_choice(monkeypatch)
-    q, k, v, bias, mask = make_inputs(1, 2, 32, 16, dtype, masked)
-    if bias_view == "transposed_view":
-        bias = bias.mT.contiguous().mT
-    dout = torch.randn_like(q)
-    got = {}
-    for descriptors in (False, True):
-        cfg = ops.LaunchConfig(16, 16, 1, 2, key_major_bias=True, descriptor_loads=descriptors)
-        monkeypatch.setattr(ops, "dkdv_config", lambda *args, cfg=cfg: cfg)
-        got[descriptors] = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
-    assert decisions == [False, True]
-    for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got[True], got[False], strict=True):
-        assert torch.equal(a, b), name
-    assert_close_to_reference(got[True], reference_fp64(q, k, v, bias, dout, mask=mask), dtype)
-
-
-@pytest.mark.parametrize("case", ["L_not_a_multiple_of_the_blocks", "permuted_q", "two_rows_per_program"])
-def test_dkdv_descriptor_loads_fall_back_to_pointers(monkeypatch, case):
-    """Where descriptors cannot describe the call, the pointer kernel runs instead, with correct gradients."""
-    decisions = _spy_on_descriptor_choice(monkeypatch)
-    L = 24 if case == "L_not_a_multiple_of_the_blocks" else 16
-    cfg = ops.LaunchConfig(16, 16, 1, 2, rows=2 if case == "two_rows_per_program" else 1, key_major_bias=True,
-                           descriptor_loads=True)
-    monkeypatch.setattr(ops, "dkdv_config", lambda *args: cfg)
-    q, k, v, bias, mask = make_inputs(1, 2, L, 16, torch.float32, masked=True)
-    if case == "permuted_q":
-        q = q.permute(0, 2, 3, 1, 4).contiguous().permute(0, 3, 1, 2, 4)
-        assert not q.is_contiguous()
-    dout = torch.randn(q.shape)
-    got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
-    assert decisions == [False]
-    assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float32)
-
-
 @pytest.mark.parametrize("splits", [1, 3])
 def test_bias_gradient_with_one_or_several_row_splits(monkeypatch, splits):
     """One split writes dbias in bias's dtype directly; several are fp32 partial sums reduced in order."""

@@ -5,9 +5,7 @@ bitwise reproducible:
 * ``attention_bwd_dq_kernel``: program per (query block j, ROWS rows i); loops over
   keys; writes dq and delta = rowsum(dO · O) (used by the two kernels that follow).
 * ``attention_bwd_dkdv_kernel``: program per (key block k, ROWS rows i); loops over
-  queries; writes dk and dv. ``attention_bwd_dkdv_tma_kernel`` is the same computation
-  (one row per program, L a multiple of the blocks) with its loop's q, dO and bias tiles
-  read through tensor descriptors (TMA), used where ops.dkdv_descriptor_loads allows.
+  queries; writes dk and dv.
 
   With ROWS = 2 a program loads each bias tile once for two rows and interleaves their
   independent work; the second row may lie past the last one (odd R) and is masked.
@@ -172,33 +170,15 @@ def attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_update(k_tile, v_tile, keep, q_tile, do_tile, lse, delta, bias_t, dk, dv, scale,
-                 APPLY_KEEP: tl.constexpr, Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr, SETTLE: tl.constexpr):
-    """One query block of one row, transposed (rows are keys), from its loaded tiles: dv += pᵀ·dO,
-    dk += dsᵀ·q.
-
-    k_tile arrives prescaled (k·scale) when Q_PRESCALED, so q tiles are used as loaded: scaling them here
-    would send every q tile through registers and back to shared memory. dk then lacks the scale, which
-    the caller applies once at the end."""
-    st = scores(k_tile, tl.trans(q_tile), bias_t, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
-    pt = exp2(st * 1.4426950408889634 - lse[None, :], FAST_EXP2)
-    if APPLY_KEEP:
-        pt = tl.where(keep[:, None], pt, 0.0)
-    dv += tl.dot(pt.to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    dpt = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    dst = pt * (dpt - delta[None, :])
-    dk = settle(dk + tl.dot(dst.to(q_tile.dtype), q_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE),
-                SETTLE)
-    return dk, dv
-
-
-@triton.jit
 def _dkdv_row_step(k_tile, v_tile, keep, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, bias_t, dk, dv, j_in, scale,
                    LOAD_MASKED: tl.constexpr, APPLY_KEEP: tl.constexpr, Q_PRESCALED: tl.constexpr,
                    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr,
                    SETTLE: tl.constexpr):
-    """One query block of one row through pointer loads (queries past L masked when LOAD_MASKED)."""
+    """One query block of one row, transposed (rows are keys): dv += pᵀ·dO, dk += dsᵀ·q.
+
+    k_tile arrives prescaled (k·scale) when Q_PRESCALED, so q tiles are used as loaded: scaling them here
+    would send every q tile through registers and back to shared memory. dk then lacks the scale, which
+    the caller applies once at the end."""
     if LOAD_MASKED:
         q_tile = tl.load(q_ptrs, mask=j_in[:, None], other=0.0)
         do_tile = tl.load(do_ptrs, mask=j_in[:, None], other=0.0)
@@ -209,8 +189,16 @@ def _dkdv_row_step(k_tile, v_tile, keep, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, 
         do_tile = tl.load(do_ptrs)
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
-    return _dkdv_update(k_tile, v_tile, keep, q_tile, do_tile, lse, delta, bias_t, dk, dv, scale, APPLY_KEEP,
-                        Q_PRESCALED, ACC_DTYPE, DOT_PRECISION, FAST_EXP2, SETTLE)
+    st = scores(k_tile, tl.trans(q_tile), bias_t, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+    pt = exp2(st * 1.4426950408889634 - lse[None, :], FAST_EXP2)
+    if APPLY_KEEP:
+        pt = tl.where(keep[:, None], pt, 0.0)
+    dv += tl.dot(pt.to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    dpt = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    dst = pt * (dpt - delta[None, :])
+    dk = settle(dk + tl.dot(dst.to(q_tile.dtype), q_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE),
+                SETTLE)
+    return dk, dv
 
 
 @triton.jit
@@ -324,78 +312,6 @@ def attention_bwd_dkdv_kernel(
     if ROWS == 2:
         tl.store(dk_base + row1 * stride_dki, dk1.to(DK.dtype.element_ty), mask=k_in1[:, None])
         tl.store(dv_base + row1 * stride_dvi, dv1.to(DV.dtype.element_ty), mask=k_in1[:, None])
-
-
-@triton.jit
-def attention_bwd_dkdv_tma_kernel(
-    Q_ROWS, DOUT_ROWS, BIAS_KEY_MAJOR,
-    K, V, MASK, LSE, DELTA, DK, DV,
-    stride_kb, stride_kh, stride_ki, stride_kk, stride_kd,
-    stride_vb, stride_vh, stride_vi, stride_vk, stride_vd,
-    stride_dkb, stride_dkh, stride_dki, stride_dkk, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvi, stride_dvk, stride_dvd,
-    stride_mb, stride_mi, stride_mk,
-    stride_lb, stride_lh, stride_li, stride_lj,
-    H, R, L, scale,
-    HAS_MASK: tl.constexpr,
-    Q_PRESCALED: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    FAST_EXP2: tl.constexpr,
-    LOOP_STAGES: tl.constexpr,
-    SETTLE: tl.constexpr,
-):
-    """attention_bwd_dkdv_kernel with one row per program, L a multiple of both blocks, and the loop's q,
-    dO and transposed bias tiles read through tensor descriptors (TMA on Hopper) instead of pointers.
-
-    Q_ROWS and DOUT_ROWS describe q and dO as (B·H·R·L, D) matrices (contiguous tensors), BIAS_KEY_MAJOR
-    the key-major bias copy as a (B·H·L, L) matrix; their block shapes are (BLOCK_J, D) and
-    (BLOCK_K, BLOCK_J). The arithmetic is _dkdv_update's, as in the pointer kernel, so dk and dv are
-    bitwise the same; only how the tiles reach shared memory differs (probe 17: 7–21% faster at D = 32).
-    """
-    k_block = tl.program_id(0)
-    row = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    if ACC_DTYPE == tl.float32:  # as an eager launch passes it, also under torch.compile (common.py)
-        scale = tl.cast(scale, tl.float32)
-
-    offs_k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_k64 = offs_k[:, None].to(tl.int64)
-    row64 = row.to(tl.int64)
-    k_ptrs = K + b * stride_kb + h * stride_kh + row64 * stride_ki + offs_k64 * stride_kk + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + row64 * stride_vi + offs_k64 * stride_vk + offs_d[None, :] * stride_vd
-    mask_ptrs = MASK + b * stride_mb + row64 * stride_mi + offs_k * stride_mk
-    k_tile, v_tile, keep = _dkdv_row_start(k_ptrs, v_ptrs, mask_ptrs, offs_k < L, scale, False, HAS_MASK,
-                                           Q_PRESCALED)
-    dk = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
-    dv = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
-
-    # First matrix row of (b, h, row) in Q_ROWS and DOUT_ROWS, and of this key block in BIAS_KEY_MAJOR
-    # (the launcher checks that these fit in int32, the descriptors' coordinate type).
-    qdo_row = ((bh * R + row) * L).to(tl.int32)
-    bias_row = (bh * L + k_block * BLOCK_K).to(tl.int32)
-    lse_base = b * stride_lb + h * stride_lh + row64 * stride_li
-    for j_start in tl.range(0, L, BLOCK_J, num_stages=LOOP_STAGES):
-        q_tile = Q_ROWS.load([qdo_row + j_start, 0])
-        do_tile = DOUT_ROWS.load([qdo_row + j_start, 0])
-        bias_t = BIAS_KEY_MAJOR.load([bias_row, j_start]).to(ACC_DTYPE)
-        lse_offsets = lse_base + (j_start + tl.arange(0, BLOCK_J)) * stride_lj
-        dk, dv = _dkdv_update(k_tile, v_tile, keep, q_tile, do_tile, tl.load(LSE + lse_offsets),
-                              tl.load(DELTA + lse_offsets), bias_t, dk, dv, scale, HAS_MASK, Q_PRESCALED,
-                              ACC_DTYPE, DOT_PRECISION, FAST_EXP2, SETTLE)
-
-    dk_ptrs = (DK + b * stride_dkb + h * stride_dkh + row64 * stride_dki + offs_k64 * stride_dkk
-               + offs_d[None, :] * stride_dkd)
-    dv_ptrs = (DV + b * stride_dvb + h * stride_dvh + row64 * stride_dvi + offs_k64 * stride_dvk
-               + offs_d[None, :] * stride_dvd)
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty))
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
 
 
 @triton.jit
