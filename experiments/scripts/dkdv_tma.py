@@ -1,4 +1,5 @@
-"""Probe 17's second kernel: dk/dv with its loop's loads (q and dO tiles, and the transposed bias tile from
+"""Probe 17's second kernel (which 5ec14a4 put into the library and 6453a9c took out again, after probe 18):
+dk/dv with its loop's loads (q and dO tiles, and the transposed bias tile from
 the key-major bias copy) through tensor descriptors (TMA on Hopper) instead of pointer loads.
 
 The library's dk/dv kernel (kernels/backward.py) cut down to contiguous inputs, L a multiple of 64, no mask,
@@ -8,6 +9,7 @@ one row i per program, k prescaled; lse and delta stay pointer loads. An experim
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import set_wrap_triton_enabled
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flash_tt_attn import ops
@@ -73,8 +75,12 @@ def dkdv_tma(q, k, v, bias, lse, delta, dout, scale, stages=3, max_registers=168
 
 
 def dkdv_library(q, k, v, bias, lse, delta, dout, scale):
-    """dk and dv from the library's kernel, launched as attention_bwd launches it (no mask)."""
+    """dk and dv from the library's kernel, launched as attention_bwd launches it in eager mode (no mask),
+    with wrap_triton switched off as inside the custom op. Probe 17 ran this helper before it did that:
+    its launch then went through wrap_triton's dispatch, which makes ops drop the kernel's 168-register
+    cap, so probe 17 timed the library's dk/dv uncapped (probe 18; PERF.md)."""
     common = dict(HAS_MASK=False, Q_PRESCALED=ops._q_prescaled(q.dtype, scale), HEAD_DIM=q.shape[-1],
                   ACC_DTYPE=ops._acc_dtype(q.dtype), DOT_PRECISION=ops._dot_precision(q.dtype),
                   FAST_EXP2=ops._fast_exp2(q.dtype, q.device))
-    return ops._launch_dkdv(dout, q, k, v, bias, ops._mask_args(None, q), lse, delta, scale, common)
+    with set_wrap_triton_enabled(False):
+        return ops._launch_dkdv(dout, q, k, v, bias, ops._mask_args(None, q), lse, delta, scale, common)

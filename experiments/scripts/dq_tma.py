@@ -10,6 +10,7 @@ that each pipelined iteration of dq and dk/dv ends in. This kernel is the librar
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import set_wrap_triton_enabled
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flash_tt_attn import ops
@@ -76,10 +77,15 @@ def dq_tma(q, k, v, bias, out, lse, dout, scale, bias_through_tma=True, stages=3
 
 
 def dq_library(q, k, v, bias, out, lse, dout, scale):
-    """dq and delta from the library's dq kernel, launched as attention_bwd launches it (no mask)."""
+    """dq and delta from the library's dq kernel, launched as attention_bwd launches it in eager mode (no
+    mask): with torch's wrap_triton switched off, as inside the custom op. Outside it, wrap_triton is on
+    (as while torch.compile traces), the launch goes through its dispatch and ops drops register caps
+    (probe 18). Probes 16 and 17 ran this helper before it switched wrap_triton off; dq has no register
+    cap, so only the dispatch differed for them."""
     delta = torch.empty_like(lse)
     common = dict(HAS_MASK=False, Q_PRESCALED=ops._q_prescaled(q.dtype, scale), HEAD_DIM=q.shape[-1],
                   ACC_DTYPE=ops._acc_dtype(q.dtype), DOT_PRECISION=ops._dot_precision(q.dtype),
                   FAST_EXP2=ops._fast_exp2(q.dtype, q.device))
-    dq = ops._launch_dq(dout, q, k, v, bias, ops._mask_args(None, q), out, lse, delta, scale, common)
+    with set_wrap_triton_enabled(False):
+        dq = ops._launch_dq(dout, q, k, v, bias, ops._mask_args(None, q), out, lse, delta, scale, common)
     return dq, delta
