@@ -1,0 +1,110 @@
+"""Compile the library's kernels for the H100 (sm_90) on a machine without a GPU, as PERF.md's offline
+checks do, and report for each whether it compiles (with its shared memory) or the compiler's error.
+
+Needs only triton (its NVIDIA backend ships ptxas); torch is not imported, so a small virtual environment
+with the GPU's Triton version (3.6) will do. With --warp-specialize every main loop becomes
+``tl.range(..., warp_specialize=True)`` (Triton's automatic warp specialization) in a patched copy of the
+kernels; PERF.md records that Triton 3.6 fails on all four kernels then.
+
+Usage: python experiments/scripts/offline_compile.py [--warp-specialize]
+"""
+
+import importlib.util
+import pathlib
+import re
+import shutil
+import sys
+import tempfile
+import types
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+KERNELS = pathlib.Path(__file__).resolve().parents[2] / "flash_tt_attn" / "kernels"
+B, H, L, D = 4, 8, 512, 32  # the shipped D = 32 configs: 64×64 tiles, 4 warps, 3 stages, every load pipelined
+
+
+def load_kernels(directory):
+    """forward.py and backward.py of directory, imported as a package (they import .common)."""
+    package = types.ModuleType("offline_kernels")
+    package.__path__ = [str(directory)]
+    sys.modules["offline_kernels"] = package
+    modules = {}
+    for name in ("common", "forward", "backward"):
+        spec = importlib.util.spec_from_file_location(f"offline_kernels.{name}", directory / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = modules[name]
+        spec.loader.exec_module(modules[name])
+    return modules
+
+
+def integer_args():
+    """Every integer argument's value for contiguous (B, H, L, L, D) tensors; strides of 1 become constexprs
+    and multiples of 16 get the divisibility hint, as Triton's JIT does."""
+    values = dict(H=H, R=L, L=L, rows_per_split=L, stride_mb=0, stride_mi=0, stride_mk=0)
+    five = (H * L * L * D, L * L * D, L * D, D, 1)
+    for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
+        for suffix, stride in zip(("b", "h", "i", "j" if t in ("q", "o", "do", "dq") else "k", "d"), five, strict=True):
+            values[f"stride_{t}{suffix}"] = stride
+    for prefix, names in (("b", "bhjk"), ("l", "bhij")):
+        for n, stride in zip(names, (H * L * L, L * L, L, 1), strict=True):
+            values[f"stride_{prefix}{n}"] = stride
+    for n, stride in zip("sbhjk", (B * H * L * L, H * L * L, L * L, L, 1), strict=True):
+        values[f"stride_p{n}"] = stride
+    return values
+
+
+def compile_one(fn, constexprs):
+    pointers = dict(MASK="*u8", LSE="*fp32", DELTA="*fp32")
+    ints = integer_args()
+    signature, attrs, constants = {}, {}, dict(constexprs)
+    for index, name in enumerate(fn.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name == "scale":
+            signature[name] = "fp32"
+        elif name.isupper() and name not in ints:  # tensors; H, R, L are integers
+            signature[name] = pointers.get(name, "*fp16")
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif ints[name] == 1:
+            signature[name], constants[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if ints[name] % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 3})
+
+
+def main():
+    warp_specialize = "--warp-specialize" in sys.argv
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = pathlib.Path(tmp)
+        for f in KERNELS.glob("*.py"):
+            text = f.read_text()
+            if warp_specialize:
+                text = re.sub(r"num_stages=LOOP_STAGES\)", "num_stages=LOOP_STAGES, warp_specialize=True)", text)
+            (directory / f.name).write_text(text)
+        shutil.rmtree(directory / "__pycache__", ignore_errors=True)
+        kernels = load_kernels(directory)
+        common = dict(HAS_MASK=False, EVEN_L=True, Q_PRESCALED=True, BLOCK_J=64, BLOCK_K=64, HEAD_DIM=D,
+                      ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", FAST_EXP2=True, LOOP_STAGES=3)
+        cases = {
+            "forward": (kernels["forward"].attention_fwd_kernel, dict(ROWS=2, ROW_OFFSET_DTYPE=tl.int32)),
+            "dq": (kernels["backward"].attention_bwd_dq_kernel, dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
+            "dkdv": (kernels["backward"].attention_bwd_dkdv_kernel,
+                     dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
+            "dbias": (kernels["backward"].attention_bwd_dbias_kernel, dict(UNSCALED_SCORES=True)),
+        }
+        for name, (fn, extra) in cases.items():
+            try:
+                compiled = compile_one(fn, {**common, **extra})
+                print(f"{name}: compiled ({compiled.metadata.shared} bytes of shared memory)", flush=True)
+            except Exception as error:  # noqa: BLE001 - report every kernel
+                print(f"{name}: FAILED ({type(error).__name__}: {str(error).splitlines()[0][:120]})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
