@@ -1,4 +1,4 @@
-"""Probe 17's second kernel (which 5ec14a4 put into the library and 6453a9c took out again, after probe 18):
+"""Probe 17's second kernel (which 5ec14a4 put into the library and 94a836e took out again, after probe 18):
 dk/dv with its loop's loads (q and dO tiles, and the transposed bias tile from
 the key-major bias copy) through tensor descriptors (TMA on Hopper) instead of pointer loads.
 

@@ -5,7 +5,7 @@ both launches inside set_wrap_triton_enabled(False), as attention_bwd runs them 
 kernel (the shipped config with descriptor loads switched off) and the descriptor kernel (shipped config),
 plus the pointer kernel without its cap (probe 17's accidental setting). Twice each, alternating.
 
-It ran at 6bfbff1, whose library had the descriptor kernel (5ec14a4, reverted in 6453a9c after this
+It ran at 6bfbff1, whose library had the descriptor kernel (5ec14a4, reverted in 94a836e after this
 probe found it no faster): it needs that commit's ops.dkdv_descriptor_loads and LaunchConfig.descriptor_loads.
 
 Usage (at 6bfbff1): python experiments/scripts/probe18.py OUT_DIR
