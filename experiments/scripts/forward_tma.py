@@ -1,7 +1,8 @@
 """Probe 17's question in code: the forward kernel with its loop's loads (both rows' k and v tiles and the
 shared bias tile) through tensor descriptors (TMA on Hopper) instead of pointer loads.
 
-Probe 16 found the dq kernel 2–5% faster that way (PERF.md). This is the library's forward
+Probe 16 timed the dq kernel 2–5% faster that way (against a library launch that was not the custom op's;
+PERF.md). This is the library's forward
 (kernels/forward.py) cut down to the case the question needs: contiguous inputs, L a multiple of 64, no
 mask, two rows i per program (R even), q prescaled. An experiment, not a library path.
 """

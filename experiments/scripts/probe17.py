@@ -1,5 +1,7 @@
 """GPU probe 17: the forward and dk/dv kernels with their loop loads through tensor descriptors (TMA), after
-probe 16 found dq 2–5% faster that way, and a second timing of that dq variant. Each variant is checked
+probe 16 timed dq 2–5% faster that way, and a second timing of that dq variant. The library's kernels are
+launched by dq_tma.dq_library and dkdv_tma.dkdv_library, which at the time of this probe left wrap_triton on:
+its dk/dv baseline ran without the register cap (probe 18). Each variant is checked
 against the library's kernel on the same inputs, then timed twice in alternation with it, in one process.
 
 Usage: python experiments/scripts/probe17.py OUT_DIR
