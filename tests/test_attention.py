@@ -204,6 +204,23 @@ def test_dkdv_reading_a_key_major_copy_of_the_bias(monkeypatch, bias_view):
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float32)
 
 
+def test_traced_launches_of_register_capped_configs_run_serialized():
+    """torch.compile's traced launches cannot carry maxnreg: a config that settles its accumulators under a
+    register cap runs serialized there (same bits, fewer registers); eager launches keep both."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    capped = ops.LaunchConfig(64, 64, 4, 3, max_registers=168)
+    uncapped = ops.LaunchConfig(64, 64, 4, 3)
+    gpu = torch.device("cuda")  # a device object only: nothing runs
+    with set_wrap_triton_enabled(False):  # as inside the custom op's eager call
+        assert ops._settle(torch.float16, gpu, capped) and ops._launch_options(capped)["maxnreg"] == 168
+    with set_wrap_triton_enabled(True):  # as while torch.compile traces the launch
+        assert not ops._settle(torch.float16, gpu, capped) and "maxnreg" not in ops._launch_options(capped)
+        assert ops._settle(torch.float16, gpu, uncapped)
+    assert not ops._settle(torch.float64, gpu, uncapped) and not ops._settle(torch.float16, torch.device("cpu"),
+                                                                           uncapped)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_bias_gradient_with_one_or_several_row_splits(monkeypatch, splits):
     """One split writes dbias in bias's dtype directly; several are fp32 partial sums reduced in order."""
