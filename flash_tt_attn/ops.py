@@ -120,6 +120,7 @@ def dkdv_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device)
         return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
     # 168 registers (175 uncapped, no spills): three programs per SM instead of two. Waiting for dk
     # within each iteration (SETTLE_ACCUMULATORS) needs more registers than probe 10's cap of 128.
+    # Traced launches cannot be capped and run the serialized form instead (_settle).
     return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True, key_major_bias=True, max_registers=168)
 
 
@@ -197,7 +198,8 @@ def _tile_args(L: int, cfg: LaunchConfig) -> dict:
 def _launch_options(cfg: LaunchConfig) -> dict:
     options = dict(LOOP_STAGES=cfg.loop_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # While torch.compile (or make_fx) traces the launches, wrap_triton forwards num_warps and num_stages
-    # but not maxnreg: a compiled graph runs the same kernels without the register cap.
+    # but not maxnreg: a compiled graph runs without the register cap (and _settle then picks the
+    # serialized form of a capped config, which needs no cap).
     if cfg.max_registers is not None and not _launch_is_traced():
         options["maxnreg"] = cfg.max_registers
     return options
