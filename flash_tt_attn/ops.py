@@ -351,6 +351,14 @@ def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> t
     return dk, dv
 
 
+def backward_constants(q: torch.Tensor, mask_args, scale: float) -> dict:
+    """The compile-time constants every backward kernel takes, for q's dtype and device, the mask (as
+    _mask_args gives it) and the scale."""
+    return dict(HAS_MASK=mask_args[2], Q_PRESCALED=_q_prescaled(q.dtype, scale), HEAD_DIM=q.shape[-1],
+                ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
+                FAST_EXP2=_fast_exp2(q.dtype, q.device))
+
+
 @triton_op("flash_tt_attn::attention_bwd", mutates_args=())
 def attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
@@ -369,10 +377,7 @@ def attention_bwd(
         return empty[0], empty[1], empty[2], torch.zeros_like(bias)
     delta = torch.empty_like(lse)
     mask_args = _mask_args(mask, q)
-    common = dict(
-        HAS_MASK=mask_args[2], Q_PRESCALED=_q_prescaled(q.dtype, scale), HEAD_DIM=D,
-        ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), FAST_EXP2=_fast_exp2(q.dtype, q.device),
-    )
+    common = backward_constants(q, mask_args, scale)
     args = (dout, q, k, v, bias, mask_args)
     dq = _launch_dq(*args, out, lse, delta, scale, common)
     plan = _dbias_plan(q)

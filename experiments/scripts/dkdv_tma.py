@@ -79,8 +79,7 @@ def dkdv_library(q, k, v, bias, lse, delta, dout, scale):
     with wrap_triton switched off as inside the custom op. Probe 17 ran this helper before it did that:
     its launch then went through wrap_triton's dispatch, which makes ops drop the kernel's 168-register
     cap, so probe 17 timed the library's dk/dv uncapped (probe 18; PERF.md)."""
-    common = dict(HAS_MASK=False, Q_PRESCALED=ops._q_prescaled(q.dtype, scale), HEAD_DIM=q.shape[-1],
-                  ACC_DTYPE=ops._acc_dtype(q.dtype), DOT_PRECISION=ops._dot_precision(q.dtype),
-                  FAST_EXP2=ops._fast_exp2(q.dtype, q.device))
+    no_mask = ops._mask_args(None, q)
+    common = ops.backward_constants(q, no_mask, scale)
     with set_wrap_triton_enabled(False):
-        return ops._launch_dkdv(dout, q, k, v, bias, ops._mask_args(None, q), lse, delta, scale, common)
+        return ops._launch_dkdv(dout, q, k, v, bias, no_mask, lse, delta, scale, common)

@@ -83,9 +83,8 @@ def dq_library(q, k, v, bias, out, lse, dout, scale):
     (probe 18). Probes 16 and 17 ran this helper before it switched wrap_triton off; dq has no register
     cap, so only the dispatch differed for them."""
     delta = torch.empty_like(lse)
-    common = dict(HAS_MASK=False, Q_PRESCALED=ops._q_prescaled(q.dtype, scale), HEAD_DIM=q.shape[-1],
-                  ACC_DTYPE=ops._acc_dtype(q.dtype), DOT_PRECISION=ops._dot_precision(q.dtype),
-                  FAST_EXP2=ops._fast_exp2(q.dtype, q.device))
+    no_mask = ops._mask_args(None, q)
+    common = ops.backward_constants(q, no_mask, scale)
     with set_wrap_triton_enabled(False):
-        dq = ops._launch_dq(dout, q, k, v, bias, ops._mask_args(None, q), out, lse, delta, scale, common)
+        dq = ops._launch_dq(dout, q, k, v, bias, no_mask, out, lse, delta, scale, common)
     return dq, delta
