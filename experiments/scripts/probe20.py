@@ -110,49 +110,52 @@ def key_major_fp32(bias):
 
 
 def part_b():
-    for B, H, L, D, dtype in [(4, 8, 512, 32, torch.float16), (1, 4, 1024, 32, torch.bfloat16),
-                              (4, 8, 256, 32, torch.float16), (1, 4, 512, 32, torch.bfloat16)]:
-        shape = dict(B=B, H=H, L=L, D=D, dtype=str(dtype))
-        q, k, v, bias = tk.make(B, H, L, D, dtype, grad=False)
-        dout = torch.randn_like(q)
-        scale = D**-0.5
-        bias32 = bias.float()
-        bias32_km = key_major_fp32(bias)
-        out, lse = tk.forward_op(q, k, v, bias, scale)
-        _, delta = dq_library(q, k, v, bias, out, lse, dout, scale)
-        shipped_fwd = dataclasses.astuple(ops.forward_config(L, D, dtype, CUDA))
-        two_stages = dataclasses.astuple(dataclasses.replace(ops.forward_config(L, D, dtype, CUDA), num_stages=2))
-
-        def forward(b, stages):
-            return tk.with_configs({"forward_config": stages}, tk.forward_op, q, k, v, b, scale)
-
-        kernels = {
-            "fwd": {"bias16": functools.partial(forward, bias, shipped_fwd),
-                    "bias16_s2": functools.partial(forward, bias, two_stages),
-                    "bias32": functools.partial(forward, bias32, shipped_fwd),
-                    "bias32_s2": functools.partial(forward, bias32, two_stages)},
-            "dq": {"bias16": functools.partial(dq_library, q, k, v, bias, out, lse, dout, scale),
-                   "bias32": functools.partial(dq_library, q, k, v, bias32, out, lse, dout, scale)},
-            "dkdv": {"bias16": functools.partial(dkdv_library, q, k, v, bias, lse, delta, dout, scale),
-                     "bias32": functools.partial(dkdv_library, q, k, v, bias32_km, lse, delta, dout, scale)},
-        }
-        for kernel, variants in kernels.items():
-            want = variants["bias16"]()
-            for name, fn in variants.items():
-                got = fn()
-                tk.log(kind="check", kernel=kernel, variant=name,
-                       bitwise_equal=all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), **shape)
-            for repeat in range(2):
-                for name, fn in variants.items():
-                    ms, p20, p80 = time_ms(fn)
-                    tk.log(kind="time", kernel=kernel, variant=name, rep=repeat, ms=ms, p20=p20, p80=p80, **shape)
-        # What the copies cost, per call.
-        for name, fn in {"copy_fp32": bias.float, "copy_fp32_key_major": functools.partial(key_major_fp32, bias),
-                         "copy_fp16_key_major": lambda: bias.mT.contiguous()}.items():
-            ms, p20, p80 = time_ms(fn)
-            tk.log(kind="time", kernel=name, ms=ms, p20=p20, p80=p80, **shape)
-        del q, k, v, bias, bias32, bias32_km, out, lse, delta, dout
+    for target in [(4, 8, 512, 32, torch.float16), (1, 4, 1024, 32, torch.bfloat16),
+                   (4, 8, 256, 32, torch.float16), (1, 4, 512, 32, torch.bfloat16)]:
+        part_b_target(*target)
         torch.cuda.empty_cache()
+
+
+def part_b_target(B, H, L, D, dtype):
+    shape = dict(B=B, H=H, L=L, D=D, dtype=str(dtype))
+    q, k, v, bias = tk.make(B, H, L, D, dtype, grad=False)
+    dout = torch.randn_like(q)
+    scale = D**-0.5
+    bias32 = bias.float()
+    bias32_km = key_major_fp32(bias)
+    out, lse = tk.forward_op(q, k, v, bias, scale)
+    _, delta = dq_library(q, k, v, bias, out, lse, dout, scale)
+    shipped_fwd = dataclasses.astuple(ops.forward_config(L, D, dtype, CUDA))
+    two_stages = dataclasses.astuple(dataclasses.replace(ops.forward_config(L, D, dtype, CUDA), num_stages=2))
+
+    def forward(b, stages):
+        return tk.with_configs({"forward_config": stages}, tk.forward_op, q, k, v, b, scale)
+
+    kernels = {
+        "fwd": {"bias16": functools.partial(forward, bias, shipped_fwd),
+                "bias16_s2": functools.partial(forward, bias, two_stages),
+                "bias32": functools.partial(forward, bias32, shipped_fwd),
+                "bias32_s2": functools.partial(forward, bias32, two_stages)},
+        "dq": {"bias16": functools.partial(dq_library, q, k, v, bias, out, lse, dout, scale),
+               "bias32": functools.partial(dq_library, q, k, v, bias32, out, lse, dout, scale)},
+        "dkdv": {"bias16": functools.partial(dkdv_library, q, k, v, bias, lse, delta, dout, scale),
+                 "bias32": functools.partial(dkdv_library, q, k, v, bias32_km, lse, delta, dout, scale)},
+    }
+    for kernel, variants in kernels.items():
+        want = variants["bias16"]()
+        for name, fn in variants.items():
+            got = fn()
+            tk.log(kind="check", kernel=kernel, variant=name,
+                   bitwise_equal=all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), **shape)
+        for repeat in range(2):
+            for name, fn in variants.items():
+                ms, p20, p80 = time_ms(fn)
+                tk.log(kind="time", kernel=kernel, variant=name, rep=repeat, ms=ms, p20=p20, p80=p80, **shape)
+    # What the copies cost, per call.
+    for name, fn in {"copy_fp32": bias.float, "copy_fp32_key_major": functools.partial(key_major_fp32, bias),
+                     "copy_fp16_key_major": lambda: bias.mT.contiguous()}.items():
+        ms, p20, p80 = time_ms(fn)
+        tk.log(kind="time", kernel=name, ms=ms, p20=p20, p80=p80, **shape)
 
 
 def main():
