@@ -221,6 +221,30 @@ def test_traced_launches_of_register_capped_configs_run_serialized():
                                                                            uncapped)
 
 
+@pytest.mark.parametrize(("max_shared_memory", "wide_at"), [(232_448, (64, 128)), (166_912, (64,)), (101_376, ())],
+                         ids=["H100", "A100", "L4"])
+def test_wide_bias_gradient_tiles_only_where_the_shared_memory_allows(monkeypatch, max_shared_memory, wide_at):
+    """The bias gradient's 64×128 tiles of 8 warps need 145 KB of shared memory at D = 64 and 193 KB at D = 128:
+    a GPU with less per program (its limit as Triton reports it) gets the 4-warp tiles, which it can launch."""
+    monkeypatch.setattr(ops, "_max_shared_memory", lambda index: max_shared_memory)
+    gpu = torch.device("cuda", 0)  # a device object only: nothing runs
+    for head_dim in (32, 64, 128):
+        cfg = ops.dbias_config(512, head_dim, torch.bfloat16, gpu)
+        assert (cfg.block_k, cfg.num_warps) == ((128, 8) if head_dim in wide_at else (cfg.block_k, 4))
+        if head_dim in ops.DBIAS_WIDE_SHARED_MEMORY:
+            assert (head_dim in wide_at) == (max_shared_memory >= ops.DBIAS_WIDE_SHARED_MEMORY[head_dim])
+
+
+def test_bias_gradient_on_tiles_wider_than_tall(monkeypatch):
+    """Tiles of 16 queries by 32 keys (the GPU's 64×128 in miniature), L = 37 leaving partial tiles both ways."""
+    cfg = ops.LaunchConfig(16, 32, 8, 3, pipeline_all_loads=True)
+    monkeypatch.setattr(ops, "dbias_config", lambda *args: cfg)
+    q, k, v, bias, mask = make_inputs(1, 2, 37, 16, torch.float32, masked=True)
+    dout = torch.randn_like(q)
+    got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
+    assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float32)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_bias_gradient_with_one_or_several_row_splits(monkeypatch, splits):
     """One split writes dbias in bias's dtype directly; several are fp32 partial sums reduced in order."""
