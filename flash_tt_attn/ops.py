@@ -103,7 +103,7 @@ def dq_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -
     if dtype in (torch.float32, torch.float64):
         return LaunchConfig(32, 32, 4, 1)
     if head_dim >= 128:
-        return LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True)
+        return _if_it_fits("dq", 128, device, otherwise=LaunchConfig(64, 32, 4, 2, pipeline_all_loads=True))
     return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
 
 
@@ -116,7 +116,8 @@ def dkdv_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device)
     if dtype in (torch.float32, torch.float64):
         return LaunchConfig(32, 32, 4, 1)
     if head_dim >= 128:
-        return LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True, key_major_bias=True)
+        return _if_it_fits("dkdv", 128, device,
+                           otherwise=LaunchConfig(32, 64, 4, 2, pipeline_all_loads=True, key_major_bias=True))
     if head_dim == 64:
         return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
     # 168 registers (175 uncapped, no spills): three programs per SM instead of two. Waiting for dk
@@ -128,27 +129,31 @@ def dkdv_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device)
 def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
     """Tiles for the bias-gradient kernel (its rows field is unused).
 
-    At D = 64 and 128 on GPUs with the shared memory for it, 64×128 tiles with 8 warps: each warpgroup
-    takes 64 of the 128 keys, and the two share every q and dO tile they load (probe 22: the kernel
-    1.61 → 1.04 ms at D = 128, B=1 H=4 L=512 bf16; 4.5–5.1 → 4.1–4.2 ms at D = 64, B=4 H=8 L=512 fp16).
-    At D = 32 the same tiles are slower (one program of 8 warps per SM instead of three of 4)."""
+    At D = 64 and 128, 64×128 tiles with 8 warps: each warpgroup takes 64 of the 128 keys, and the two
+    share every q and dO tile they load (probe 22: the kernel 1.61 → 1.04 ms at D = 128, B=1 H=4 L=512
+    bf16; 4.5–5.1 → 4.1–4.2 ms at D = 64, B=4 H=8 L=512 fp16). At D = 32 the same tiles are slower (one
+    program of 8 warps per SM instead of three of 4)."""
     if device.type != "cuda":
         return _interpreter_config(L, rows=1)
     if dtype in (torch.float32, torch.float64):
         return LaunchConfig(32, 32, 4, 1)
     if head_dim >= 128:
-        if _shared_memory_fits(device, DBIAS_WIDE_SHARED_MEMORY[128]):
-            return LaunchConfig(64, 128, 8, 2, pipeline_all_loads=True)
-        return LaunchConfig(64, 32, 4, 2, pipeline_all_loads=True)
-    if head_dim == 64 and _shared_memory_fits(device, DBIAS_WIDE_SHARED_MEMORY[64]):
-        return LaunchConfig(64, 128, 8, 3, pipeline_all_loads=True)
+        return _if_it_fits("dbias", 128, device, otherwise=LaunchConfig(64, 32, 4, 2, pipeline_all_loads=True))
+    if head_dim == 64:
+        return _if_it_fits("dbias", 64, device, otherwise=LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True))
     return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
 
 
-# Shared memory (bytes) of the bias-gradient kernel's 64×128 configs in 16 bits: D = 128 at 2 stages, D = 64 at 3,
-# as Triton 3.6 compiles them for sm_90 offline (the same with a mask and with L not a multiple of 128; PERF.md v15).
-# An H100 offers 227 KB per program, an A100 163 KB; GPUs with less get the 4-warp configs.
-DBIAS_WIDE_SHARED_MEMORY = {128: 197_120, 64: 148_480}
+# The 16-bit configs that need more shared memory per program than GPUs with 99 KB offer (L4, RTX 40xx), with
+# what they need in bytes as Triton 3.6 compiles them for sm_90 offline (the same with a mask and with L not a
+# multiple of the tiles; PERF.md v15). An H100 offers 227 KB, an A100 163 KB. A GPU with less gets the
+# chooser's other config: at most 99 KB for every kernel and head dim.
+LARGE_CONFIGS: dict[tuple[str, int], tuple[LaunchConfig, int]] = {
+    ("dq", 128): (LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True), 106_496),
+    ("dkdv", 128): (LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True, key_major_bias=True), 107_008),
+    ("dbias", 128): (LaunchConfig(64, 128, 8, 2, pipeline_all_loads=True), 197_120),
+    ("dbias", 64): (LaunchConfig(64, 128, 8, 3, pipeline_all_loads=True), 148_480),
+}
 
 
 @functools.cache
@@ -157,9 +162,11 @@ def _max_shared_memory(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def _shared_memory_fits(device: torch.device, needed: int) -> bool:
+def _if_it_fits(kernel: str, head_dim: int, device: torch.device, otherwise: LaunchConfig) -> LaunchConfig:
+    """LARGE_CONFIGS[kernel, head_dim] if the device has the shared memory for it, else ``otherwise``."""
+    cfg, needed = LARGE_CONFIGS[kernel, head_dim]
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _max_shared_memory(index) >= needed
+    return cfg if _max_shared_memory(index) >= needed else otherwise
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -221,18 +221,21 @@ def test_traced_launches_of_register_capped_configs_run_serialized():
                                                                            uncapped)
 
 
-@pytest.mark.parametrize(("max_shared_memory", "wide_at"), [(232_448, (64, 128)), (166_912, (64,)), (101_376, ())],
-                         ids=["H100", "A100", "L4"])
-def test_wide_bias_gradient_tiles_only_where_the_shared_memory_allows(monkeypatch, max_shared_memory, wide_at):
-    """The bias gradient's 64×128 tiles of 8 warps need 145 KB of shared memory at D = 64 and 193 KB at D = 128:
-    a GPU with less per program (its limit as Triton reports it) gets the 4-warp tiles, which it can launch."""
+@pytest.mark.parametrize("max_shared_memory", [232_448, 166_912, 101_376], ids=["H100", "A100", "L4"])
+def test_configs_needing_more_shared_memory_than_the_gpu_has_are_not_chosen(monkeypatch, max_shared_memory):
+    """Every chooser, at every head dim and 16-bit dtype, picks a config the GPU can launch: one of
+    ops.LARGE_CONFIGS only if its shared memory fits (the GPU's limit as Triton reports it), and all of them
+    on an H100, where they were tuned."""
     monkeypatch.setattr(ops, "_max_shared_memory", lambda index: max_shared_memory)
     gpu = torch.device("cuda", 0)  # a device object only: nothing runs
-    for head_dim in (32, 64, 128):
-        cfg = ops.dbias_config(512, head_dim, torch.bfloat16, gpu)
-        assert (cfg.block_k, cfg.num_warps) == ((128, 8) if head_dim in wide_at else (cfg.block_k, 4))
-        if head_dim in ops.DBIAS_WIDE_SHARED_MEMORY:
-            assert (head_dim in wide_at) == (max_shared_memory >= ops.DBIAS_WIDE_SHARED_MEMORY[head_dim])
+    chosen = {}
+    for name in ("forward", "dq", "dkdv", "dbias"):
+        for head_dim in (16, 32, 64, 128):
+            for dtype in (torch.float16, torch.bfloat16):
+                chosen[name, head_dim, dtype] = getattr(ops, f"{name}_config")(512, head_dim, dtype, gpu)
+    for (name, head_dim), (large, needed) in ops.LARGE_CONFIGS.items():
+        for dtype in (torch.float16, torch.bfloat16):
+            assert (chosen[name, head_dim, dtype] == large) == (needed <= max_shared_memory), (name, head_dim)
 
 
 def test_bias_gradient_on_tiles_wider_than_tall(monkeypatch):
