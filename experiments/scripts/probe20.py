@@ -27,7 +27,6 @@ from dkdv_tma import dkdv_library
 from dq_tma import dq_library
 
 from flash_tt_attn import attention, ops
-from flash_tt_attn.reference import attention_chunked
 
 CUDA = torch.device("cuda")
 
@@ -42,10 +41,7 @@ def part_a():
     q, k, v, bias = tk.make(B, H, L, D, dtype)
     inputs = (q, k, v, bias)
     dout = torch.randn_like(q)
-    ref_in = [t.detach().double().requires_grad_() for t in inputs]
-    ref_out = attention_chunked(*ref_in, scale=None, chunk_rows=8)
-    ref = [ref_out.detach()] + [g.detach() for g in torch.autograd.grad(ref_out, ref_in, dout.double())]
-    del ref_in, ref_out
+    ref = tk.fp64_reference(inputs, dout)
 
     def call():
         return attention(q, k, v, bias)
@@ -78,11 +74,8 @@ def part_a():
     }
     tk.log(kind="shipped", forward=fwd, dq=dq, dkdv=dkdv, dbias=dbias, **shape)
     for name, configs in backward_variants.items():
-        def grads():
-            out = call()
-            return [out.detach()] + list(torch.autograd.grad(out, inputs, dout))
         try:
-            got = tk.with_configs(configs, grads)
+            got = tk.with_configs(configs, tk.output_and_grads, call, inputs, dout)
             tk.log(kind="check", variant=name, rel_err=[tk.rel(a, b) for a, b in zip(got, ref, strict=True)],
                    nan=any(bool(torch.isnan(t).any()) for t in got), **shape)
         except Exception as e:  # noqa: BLE001

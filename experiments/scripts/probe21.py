@@ -23,7 +23,6 @@ import tune_kernels as tk
 from dq_tma import dq_library
 
 from flash_tt_attn import attention, ops
-from flash_tt_attn.reference import attention_chunked
 
 CUDA = torch.device("cuda")
 P, KM = True, True  # pipeline_all_loads, key_major_bias
@@ -35,10 +34,7 @@ def part_a():
     q, k, v, bias = tk.make(B, H, L, D, dtype)
     inputs = (q, k, v, bias)
     dout = torch.randn_like(q)
-    ref_in = [t.detach().double().requires_grad_() for t in inputs]
-    ref_out = attention_chunked(*ref_in, scale=None, chunk_rows=8)
-    ref = [ref_out.detach()] + [g.detach() for g in torch.autograd.grad(ref_out, ref_in, dout.double())]
-    del ref_in, ref_out
+    ref = tk.fp64_reference(inputs, dout)
 
     def call():
         return attention(q, k, v, bias)
@@ -55,13 +51,9 @@ def part_a():
                                                    "dq_config": (64, 32, 4, 2, 1, P)},
     }
 
-    def grads():
-        out = call()
-        return [out.detach()] + list(torch.autograd.grad(out, inputs, dout))
-
     for name, configs in variants.items():
         try:
-            got = tk.with_configs(configs, grads)
+            got = tk.with_configs(configs, tk.output_and_grads, call, inputs, dout)
             tk.log(kind="check", variant=name, rel_err=[tk.rel(a, b) for a, b in zip(got, ref, strict=True)],
                    nan=any(bool(torch.isnan(t).any()) for t in got), **shape)
         except Exception as e:  # noqa: BLE001

@@ -73,6 +73,19 @@ def check(B, H, L, D, dtype, masked):
     return errs, nan
 
 
+def fp64_reference(inputs, dout, chunk_rows=8):
+    """The output and the gradients of (q, k, v, bias) from the fp64 reference, detached."""
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    out = attention_chunked(*ref_in, scale=None, chunk_rows=chunk_rows)
+    return [out.detach()] + [g.detach() for g in torch.autograd.grad(out, ref_in, dout.double())]
+
+
+def output_and_grads(call, inputs, dout):
+    """call()'s output, detached, and the gradients of inputs under dout."""
+    out = call()
+    return [out.detach()] + list(torch.autograd.grad(out, inputs, dout))
+
+
 def flex_setup(q, k, v, bias):
     from torch.nn.attention.flex_attention import flex_attention
 
