@@ -4,7 +4,7 @@ shuffles. Offline (Triton 3.6, sm_90) the D=32 loop goes from 584 to 530 instruc
 registers (168 before), D=64 376 -> 356, D=128 447 -> 426. Forward medians with the switch on and off at the
 six targets and at D=64 and 128, twice each in alternation; outputs and lse compared between the two.
 
-Usage: python experiments/scripts/probe24.py OUT_DIR
+Usage: python experiments/scripts/probe24.py OUT_DIR [REPEATS]   (REPEATS: timings of each variant, default 2)
 """
 
 import functools
@@ -32,6 +32,7 @@ def forward(q, k, v, bias, scale, by_product):
 
 def main():
     tk.OUT = sys.argv[1] if len(sys.argv) > 1 else "."
+    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 2
     tk.log(kind="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     for B, H, L, D, dtype in SHAPES:
         shape = dict(B=B, H=H, L=L, D=D, dtype=str(dtype))
@@ -40,7 +41,7 @@ def main():
         (o_sum, lse_sum), (o_mma, lse_mma) = (forward(q, k, v, bias, scale, flag) for flag in (False, True))
         tk.log(kind="check", out_rel_diff=tk.rel(o_mma, o_sum), lse_max_abs_diff=(lse_mma - lse_sum).abs().max().item(),
                finite=bool(torch.isfinite(o_mma).all()), **shape)
-        for repeat in range(2):
+        for repeat in range(repeats):
             for name, flag in (("rowsum_reduction", False), ("rowsum_by_product", True)):
                 ms, p20, p80 = triton.testing.do_bench(functools.partial(forward, q, k, v, bias, scale, flag),
                                                        warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
