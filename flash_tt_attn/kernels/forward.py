@@ -70,6 +70,8 @@ def _online_softmax_update(s, v_ptrs, m_i, l_i, acc, k_in, LOAD_MASKED: tl.const
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new) * 1.4426950408889634
     p = exp2(s * 1.4426950408889634 - m_shift[:, None], FAST_EXP2)
     alpha = exp2(m_i * 1.4426950408889634 - m_shift, FAST_EXP2)
+    if not ROWSUM_BY_PRODUCT:
+        l_i = l_i * alpha + tl.sum(p, 1)
     if LOAD_MASKED:
         v_tile = tl.load(v_ptrs, mask=k_in[:, None], other=0.0)
     else:
@@ -78,8 +80,6 @@ def _online_softmax_update(s, v_ptrs, m_i, l_i, acc, k_in, LOAD_MASKED: tl.const
     if ROWSUM_BY_PRODUCT:
         ones = tl.full([p.shape[1], 16], 1.0, v_tile.dtype)
         l_i = l_i * alpha[:, None] + tl.dot(p_in, ones, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    else:
-        l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p_in, v_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     return m_new, l_i, acc
 
