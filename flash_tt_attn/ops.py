@@ -190,11 +190,6 @@ SETTLE_ACCUMULATORS = True
 DBIAS_UNSCALED_SCORES = True
 
 
-# the forward's running row sums come from a product with a block of ones on the tensor cores instead of the row
-# reductions' adds and shuffles (kernels/forward.py: _online_softmax_update; PERF.md v16).
-ROWSUM_BY_PRODUCT = True
-
-
 def _launch_is_traced() -> bool:
     """True while torch.compile (or make_fx) traces a launch: torch switches wrap_triton off inside the
     custom ops' eager calls and leaves it on while tracing."""
@@ -310,7 +305,7 @@ def attention_fwd(
         BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         FAST_EXP2=_fast_exp2(q.dtype, q.device), ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
-        ROWSUM_BY_PRODUCT=ROWSUM_BY_PRODUCT, **_launch_options(cfg),
+        **_launch_options(cfg),
     )
     return out, lse
 

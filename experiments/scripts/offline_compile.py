@@ -92,8 +92,7 @@ def main():
         common = dict(HAS_MASK=False, EVEN_L=True, Q_PRESCALED=True, BLOCK_J=64, BLOCK_K=64, HEAD_DIM=D,
                       ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", FAST_EXP2=True, LOOP_STAGES=3)
         cases = {
-            "forward": (kernels["forward"].attention_fwd_kernel, dict(ROWS=2, ROW_OFFSET_DTYPE=tl.int32,
-                                                                   ROWSUM_BY_PRODUCT=True)),
+            "forward": (kernels["forward"].attention_fwd_kernel, dict(ROWS=2, ROW_OFFSET_DTYPE=tl.int32)),
             "dq": (kernels["backward"].attention_bwd_dq_kernel, dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
             "dkdv": (kernels["backward"].attention_bwd_dkdv_kernel,
                      dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),

@@ -48,62 +48,40 @@ def _row_scores(q, kt_ptrs, bias, mask_ptrs, k_in, row_ok, scale,
 
 
 @triton.jit
-def _empty_sum(BLOCK_J: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWSUM_BY_PRODUCT: tl.constexpr):
-    """A row's running sum before its first key block: [BLOCK_J], or [BLOCK_J, 16] when it is a product's
-    accumulator (_online_softmax_update)."""
-    if ROWSUM_BY_PRODUCT:
-        return tl.zeros([BLOCK_J, 16], dtype=ACC_DTYPE)
-    else:
-        return tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
-
-
-@triton.jit
 def _online_softmax_update(s, v_ptrs, m_i, l_i, acc, k_in, LOAD_MASKED: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr, ROWSUM_BY_PRODUCT: tl.constexpr):
-    """The running max and sum and the output accumulator of one row, after its scores s of one key block.
-
-    With ROWSUM_BY_PRODUCT the tensor cores sum the rows: l accumulates p·1 (a [BLOCK_K, 16] block of ones,
-    every column of l the row sum of p as the P·V product rounds it), which replaces the row reduction's
-    adds and shuffles with four more wgmma instructions."""
+                           DOT_PRECISION: tl.constexpr, FAST_EXP2: tl.constexpr):
+    """The running max and sum and the output accumulator of one row, after its scores s of one key block."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with no admitted key so far keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new) * 1.4426950408889634
     p = exp2(s * 1.4426950408889634 - m_shift[:, None], FAST_EXP2)
     alpha = exp2(m_i * 1.4426950408889634 - m_shift, FAST_EXP2)
-    if not ROWSUM_BY_PRODUCT:
-        l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + tl.sum(p, 1)
     if LOAD_MASKED:
         v_tile = tl.load(v_ptrs, mask=k_in[:, None], other=0.0)
     else:
         v_tile = tl.load(v_ptrs)
-    p_in = p.to(v_tile.dtype)
-    if ROWSUM_BY_PRODUCT:
-        ones = tl.full([p.shape[1], 16], 1.0, v_tile.dtype)
-        l_i = l_i * alpha[:, None] + tl.dot(p_in, ones, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    acc = acc * alpha[:, None] + tl.dot(p_in, v_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION,
+                                        out_dtype=ACC_DTYPE)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _start_row(q_base, q_rel, row, stride_qi, R, scale, offs_j, j_in, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-               HEAD_DIM: tl.constexpr, Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr,
-               ROWSUM_BY_PRODUCT: tl.constexpr):
+               HEAD_DIM: tl.constexpr, Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Scaled q and empty softmax state of a row that may lie past the last row R - 1."""
     ok_j = (offs_j * 0 + row) < R
     ok_k = (tl.arange(0, BLOCK_K) * 0 + row) < R
     q = tl.load(q_base + row * stride_qi + q_rel, mask=j_in[:, None] & ok_j[:, None], other=0.0)
     q = prescale(q, scale, Q_PRESCALED)
     m = tl.full([BLOCK_J], float("-inf"), dtype=ACC_DTYPE)
-    l_sum = _empty_sum(BLOCK_J, ACC_DTYPE, ROWSUM_BY_PRODUCT)
+    l_sum = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
     return q, m, l_sum, acc, ok_j, ok_k
 
 
 @triton.jit
-def _finish_row(m_i, l_i, acc, o_ptrs, lse_ptrs, store_mask, lse_mask, OUT_DTYPE: tl.constexpr,
-                ROWSUM_BY_PRODUCT: tl.constexpr):
-    if ROWSUM_BY_PRODUCT:  # its 16 columns are equal: take the first (adding zeros is exact and keeps NaN)
-        l_i = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, l_i, 0.0), 1)
+def _finish_row(m_i, l_i, acc, o_ptrs, lse_ptrs, store_mask, lse_mask, OUT_DTYPE: tl.constexpr):
     has_keys = l_i > 0
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -138,7 +116,6 @@ def attention_fwd_kernel(
     FAST_EXP2: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
     ROW_OFFSET_DTYPE: tl.constexpr,
-    ROWSUM_BY_PRODUCT: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -167,19 +144,16 @@ def attention_fwd_kernel(
         q0 = tl.load(q_base + row0 * stride_qi + q_rel, mask=j_in[:, None], other=0.0)
     q0 = prescale(q0, scale, Q_PRESCALED)
     m0 = tl.full([BLOCK_J], float("-inf"), dtype=ACC_DTYPE)
-    l0 = _empty_sum(BLOCK_J, ACC_DTYPE, ROWSUM_BY_PRODUCT)
+    l0 = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
     acc0 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
     if ROWS >= 2:
         q1, m1, l1, acc1, ok1_j, ok1_k = _start_row(q_base, q_rel, row0 + 1, stride_qi, R, scale, offs_j, j_in,
-                                                    BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE,
-                                                    ROWSUM_BY_PRODUCT)
+                                                    BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
     if ROWS >= 4:
         q2, m2, l2, acc2, ok2_j, ok2_k = _start_row(q_base, q_rel, row0 + 2, stride_qi, R, scale, offs_j, j_in,
-                                                    BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE,
-                                                    ROWSUM_BY_PRODUCT)
+                                                    BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
         q3, m3, l3, acc3, ok3_j, ok3_k = _start_row(q_base, q_rel, row0 + 3, stride_qi, R, scale, offs_j, j_in,
-                                                    BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE,
-                                                    ROWSUM_BY_PRODUCT)
+                                                    BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
 
     for k_start in tl.range(0, L, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k_start + tl.arange(0, BLOCK_K)
@@ -208,26 +182,26 @@ def attention_fwd_kernel(
                                    mask_base + (row0 + 3) * stride_mi + mask_rel, k_in, ok3_k, scale,
                                    True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
         m0, l0, acc0 = _online_softmax_update(s0, v_base + row0 * stride_vi + v_rel, m0, l0, acc0, kin0,
-                                              not EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2, ROWSUM_BY_PRODUCT)
+                                              not EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS >= 2:
             m1, l1, acc1 = _online_softmax_update(s1, v_base + (row0 + 1) * stride_vi + v_rel, m1, l1, acc1,
-                                                  kin1, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2, ROWSUM_BY_PRODUCT)
+                                                  kin1, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS >= 4:
             m2, l2, acc2 = _online_softmax_update(s2, v_base + (row0 + 2) * stride_vi + v_rel, m2, l2, acc2,
-                                                  kin2, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2, ROWSUM_BY_PRODUCT)
+                                                  kin2, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
             m3, l3, acc3 = _online_softmax_update(s3, v_base + (row0 + 3) * stride_vi + v_rel, m3, l3, acc3,
-                                                  kin3, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2, ROWSUM_BY_PRODUCT)
+                                                  kin3, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
 
     o_rel = offs_j64 * stride_oj + offs_d[None, :] * stride_od
     o_base = OUT + b * stride_ob + h * stride_oh
     lse_base = LSE + b * stride_lb + h * stride_lh + offs_j.to(tl.int64) * stride_lj
     _finish_row(m0, l0, acc0, o_base + row0 * stride_oi + o_rel, lse_base + row0 * stride_li,
-                j_in[:, None], j_in, OUT.dtype.element_ty, ROWSUM_BY_PRODUCT)
+                j_in[:, None], j_in, OUT.dtype.element_ty)
     if ROWS >= 2:
         _finish_row(m1, l1, acc1, o_base + (row0 + 1) * stride_oi + o_rel, lse_base + (row0 + 1) * stride_li,
-                    j_in[:, None] & ok1_j[:, None], j_in & ok1_j, OUT.dtype.element_ty, ROWSUM_BY_PRODUCT)
+                    j_in[:, None] & ok1_j[:, None], j_in & ok1_j, OUT.dtype.element_ty)
     if ROWS >= 4:
         _finish_row(m2, l2, acc2, o_base + (row0 + 2) * stride_oi + o_rel, lse_base + (row0 + 2) * stride_li,
-                    j_in[:, None] & ok2_j[:, None], j_in & ok2_j, OUT.dtype.element_ty, ROWSUM_BY_PRODUCT)
+                    j_in[:, None] & ok2_j[:, None], j_in & ok2_j, OUT.dtype.element_ty)
         _finish_row(m3, l3, acc3, o_base + (row0 + 3) * stride_oi + o_rel, lse_base + (row0 + 3) * stride_li,
-                    j_in[:, None] & ok3_j[:, None], j_in & ok3_j, OUT.dtype.element_ty, ROWSUM_BY_PRODUCT)
+                    j_in[:, None] & ok3_j[:, None], j_in & ok3_j, OUT.dtype.element_ty)
