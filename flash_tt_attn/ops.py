@@ -147,7 +147,7 @@ def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device
 # The 16-bit configs that need more shared memory per program than GPUs with 99 KB offer (L4, RTX 40xx), with
 # what they need in bytes as Triton 3.6 compiles them for sm_90 offline (the same with a mask and with L not a
 # multiple of the tiles; PERF.md v15). An H100 offers 227 KB, an A100 163 KB. A GPU with less gets the
-# chooser's other config: at most 99 KB for every kernel and head dim.
+# chooser's other config; every other 16-bit config needs at most 97 KB (the bias gradient's at D = 64).
 LARGE_CONFIGS: dict[tuple[str, int], tuple[LaunchConfig, int]] = {
     ("dq", 128): (LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True), 106_496),
     ("dkdv", 128): (LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True, key_major_bias=True), 107_008),

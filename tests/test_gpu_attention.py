@@ -82,8 +82,11 @@ def test_opcheck():
     torch.library.opcheck(ops.attention_fwd, (q, k, v, bias, None, 0.3))
 
 
-def test_compile_fullgraph_matches_eager():
-    q, k, v, bias, mask = _inputs(1, 2, 64, 32, torch.bfloat16, True)
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_compile_fullgraph_matches_eager(D):
+    """Also at D = 64 and 128, whose config choosers ask the GPU for its shared memory (ops.LARGE_CONFIGS)
+    while torch.compile traces the launch."""
+    q, k, v, bias, mask = _inputs(1, 2, 64, D, torch.bfloat16, True)
     dout = torch.randn_like(q)
     compiled = torch.compile(attention, fullgraph=True)
     got = forward_and_grads(compiled, q, k, v, bias, dout, mask=mask)
