@@ -48,6 +48,10 @@ class LaunchConfig:
     settle: (dq and dk/dv only) wait for the accumulating product within each iteration
     (kernels/common.py: ``settle``); False leaves it in flight across the loop's back edge, and
     ptxas then serializes the kernel's wgmmas, which needs fewer registers.
+    prescale: (forward, dq and dk/dv) scale the loop-invariant operand (q, or k in dk/dv) once in its
+    own dtype where that cannot overflow; False applies the scale to the fp32 product instead, and the
+    operand then stays in shared memory rather than in registers (fewer registers, one more multiply
+    per score).
     """
 
     block_j: int
@@ -59,6 +63,7 @@ class LaunchConfig:
     key_major_bias: bool = False
     max_registers: Optional[int] = None
     settle: bool = True
+    prescale: bool = True
 
     @property
     def loop_stages(self) -> Optional[int]:
@@ -216,6 +221,12 @@ def _q_prescaled(dtype: torch.dtype, scale: float) -> bool:
     return not (dtype == torch.float16 and abs(scale) > 1.0)
 
 
+def _prescaled(common: dict, cfg: LaunchConfig) -> dict:
+    """The backward's constants (backward_constants) for a dq or dk/dv launch under cfg: its operand is
+    prescaled only where the dtype and scale allow it and cfg asks for it."""
+    return dict(common, Q_PRESCALED=common["Q_PRESCALED"] and cfg.prescale)
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -301,7 +312,8 @@ def attention_fwd(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
         H, R, L, scale,
-        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), Q_PRESCALED=_q_prescaled(q.dtype, scale), ROWS=cfg.rows,
+        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), Q_PRESCALED=_q_prescaled(q.dtype, scale) and cfg.prescale,
+        ROWS=cfg.rows,
         BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         FAST_EXP2=_fast_exp2(q.dtype, q.device), ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
@@ -323,7 +335,8 @@ def _launch_dq(dout, q, k, v, bias, mask_args, out, lse, delta, scale, common) -
         *q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
         H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
-        SETTLE=_settle(q.dtype, q.device, cfg), **common, **_tile_args(L, cfg), **_launch_options(cfg),
+        SETTLE=_settle(q.dtype, q.device, cfg), **_prescaled(common, cfg), **_tile_args(L, cfg),
+        **_launch_options(cfg),
     )
     return dq
 
@@ -380,7 +393,8 @@ def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> t
         *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
         *bias_tiles.stride(), *mask_strides, *lse.stride(),
         H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, q, dout),
-        SETTLE=_settle(q.dtype, q.device, cfg), **common, **_tile_args(L, cfg), **_launch_options(cfg),
+        SETTLE=_settle(q.dtype, q.device, cfg), **_prescaled(common, cfg), **_tile_args(L, cfg),
+        **_launch_options(cfg),
     )
     return dk, dv
 
