@@ -95,7 +95,9 @@ def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.devi
     if dtype in (torch.float32, torch.float64):
         return LaunchConfig(64, 32, 4, 2)
     if head_dim >= 128:
-        return LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True)
+        # 128 queries per program halve the k and v bytes read per score; q stays in shared memory (unscaled),
+        # which keeps the tile at 219 registers (probe 27: 0.99 -> 0.90 ms at B=1 H=4 L=512 bf16).
+        return _if_it_fits("forward", 128, device, otherwise=LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True))
     if head_dim == 64:
         return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
     return LaunchConfig(64, 64, 4, 3, rows=2, pipeline_all_loads=True)
@@ -109,6 +111,10 @@ def dq_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -
         return LaunchConfig(32, 32, 4, 1)
     if head_dim >= 128:
         return _if_it_fits("dq", 128, device, otherwise=LaunchConfig(64, 32, 4, 2, pipeline_all_loads=True))
+    if head_dim == 64:
+        # 128 queries and 8 warps with q in shared memory: 116 registers, two programs per SM (probe 28: the
+        # kernel 5.5-5.7 -> 5.0-5.2 ms at B=4 H=8 L=512 fp16).
+        return LaunchConfig(128, 32, 8, 3, pipeline_all_loads=True, prescale=False)
     return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
 
 
@@ -121,8 +127,9 @@ def dkdv_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device)
     if dtype in (torch.float32, torch.float64):
         return LaunchConfig(32, 32, 4, 1)
     if head_dim >= 128:
-        return _if_it_fits("dkdv", 128, device,
-                           otherwise=LaunchConfig(32, 64, 4, 2, pipeline_all_loads=True, key_major_bias=True))
+        # 32 queries per step: dk and dv take 128 of the registers, and 64x64 steps spilled (255 registers);
+        # k unscaled in shared memory (probe 27: 1.54-1.56 -> 1.50-1.52 ms at B=1 H=4 L=512 bf16).
+        return LaunchConfig(32, 64, 4, 3, pipeline_all_loads=True, key_major_bias=True, prescale=False)
     if head_dim == 64:
         return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
     # 168 registers (175 uncapped, no spills): three programs per SM instead of two. Waiting for dk
@@ -151,11 +158,12 @@ def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device
 
 # The 16-bit configs that need more shared memory per program than GPUs with 99 KB offer (L4, RTX 40xx), with
 # what they need in bytes as Triton 3.6 compiles them for sm_90 offline (the same with a mask and with L not a
-# multiple of the tiles; PERF.md v15). An H100 offers 227 KB, an A100 163 KB. A GPU with less gets the
+# multiple of the tiles; PERF.md v15, v16). An H100 offers 227 KB, an A100 163 KB. A GPU with less gets the
 # chooser's other config; every other 16-bit config needs at most 97 KB (the bias gradient's at D = 64).
 LARGE_CONFIGS: dict[tuple[str, int], tuple[LaunchConfig, int]] = {
-    ("dq", 128): (LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True), 106_496),
-    ("dkdv", 128): (LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True, key_major_bias=True), 107_008),
+    ("forward", 128): (LaunchConfig(128, 64, 8, 3, pipeline_all_loads=True, prescale=False), 163_840),
+    # 128 registers, no spills without a mask (24 bytes with one): two programs of 8 warps per SM (probe 27).
+    ("dq", 128): (LaunchConfig(128, 32, 8, 2, pipeline_all_loads=True, max_registers=128, prescale=False), 106_496),
     ("dbias", 128): (LaunchConfig(64, 128, 8, 2, pipeline_all_loads=True), 197_120),
     ("dbias", 64): (LaunchConfig(64, 128, 8, 3, pipeline_all_loads=True), 148_480),
 }

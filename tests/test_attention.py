@@ -189,6 +189,20 @@ def test_every_rows_per_program_variant_of_the_backward(monkeypatch, rows, pipel
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, scale=0.5, mask=mask), torch.float32)
 
 
+def test_configs_that_leave_the_operand_unscaled(monkeypatch):
+    """prescale=False (the GPU's D = 64 and 128 configs): forward, dq and dk/dv apply the scale to the fp32
+    product instead of scaling q (k in dk/dv) in its own dtype; the results must not change."""
+    unscaled = ops.LaunchConfig(16, 16, 1, 2, pipeline_all_loads=True, prescale=False)
+    common = ops.backward_constants(torch.empty(1, 1, 1, 1, 16), ops._mask_args(None, torch.empty(0)), 0.25)
+    assert common["Q_PRESCALED"] and not ops._prescaled(common, unscaled)["Q_PRESCALED"]
+    for chooser in ("forward_config", "dq_config", "dkdv_config"):
+        monkeypatch.setattr(ops, chooser, lambda *args: unscaled)
+    q, k, v, bias, mask = make_inputs(1, 2, 7, 16, torch.float32, masked=True)
+    dout = torch.randn_like(q)
+    got = forward_and_grads(attention, q, k, v, bias, dout, scale=0.25, mask=mask)
+    assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, scale=0.25, mask=mask), torch.float32)
+
+
 @pytest.mark.parametrize("bias_view", ["row_major", "transposed_view"])
 def test_dkdv_reading_a_key_major_copy_of_the_bias(monkeypatch, bias_view):
     """key_major_bias: dk/dv read bias[j, k] through a key-major copy (none is made when the bias already
