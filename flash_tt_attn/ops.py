@@ -110,7 +110,12 @@ def dq_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -
     if dtype in (torch.float32, torch.float64):
         return LaunchConfig(32, 32, 4, 1)
     if head_dim >= 128:
-        return _if_it_fits("dq", 128, device, otherwise=LaunchConfig(64, 32, 4, 2, pipeline_all_loads=True))
+        # The 128x32 tiles run two programs of 8 warps per SM only under their 128-register cap, which a traced
+        # launch (torch.compile) cannot carry: uncapped they need 147 registers, one program per SM (probe 31:
+        # 1.74 ms compiled against 1.14 eager). Traced launches, and GPUs without the shared memory for them,
+        # take 64x32 tiles: the same key blocks and arithmetic per query, three programs of 4 warps.
+        narrow = LaunchConfig(64, 32, 4, 2, pipeline_all_loads=True, prescale=False)
+        return narrow if _launch_is_traced() else _if_it_fits("dq", 128, device, otherwise=narrow)
     if head_dim == 64:
         # 128 queries and 8 warps with q in shared memory: 116 registers, two programs per SM (probe 28: the
         # kernel 5.5-5.7 -> 5.0-5.2 ms at B=4 H=8 L=512 fp16).

@@ -239,12 +239,33 @@ def test_traced_launches_of_register_capped_configs_run_serialized():
 def test_configs_needing_more_shared_memory_than_the_gpu_has_are_not_chosen(monkeypatch, max_shared_memory):
     """A chooser picks one of ops.LARGE_CONFIGS only where the GPU's shared memory per program (its limit as
     Triton reports it) holds it: every one of them on an H100, where they were tuned, none on an L4."""
+    from torch._library.triton import set_wrap_triton_enabled
+
     monkeypatch.setattr(ops, "_max_shared_memory", lambda index: max_shared_memory)
     gpu = torch.device("cuda", 0)  # a device object only: nothing runs
     for (name, head_dim), (large, needed) in ops.LARGE_CONFIGS.items():
         for dtype in (torch.float16, torch.bfloat16):
-            chosen = getattr(ops, f"{name}_config")(512, head_dim, dtype, gpu)
+            with set_wrap_triton_enabled(False):  # as inside the custom op's eager call
+                chosen = getattr(ops, f"{name}_config")(512, head_dim, dtype, gpu)
             assert (chosen == large) == (needed <= max_shared_memory), (name, head_dim, dtype)
+
+
+def test_traced_launches_of_the_d128_dq_get_uncapped_tiles(monkeypatch):
+    """The D = 128 dq tiles rely on a register cap that a traced launch (torch.compile) cannot carry: traced
+    launches get the 64x32 tiles that GPUs with less shared memory get, which need no cap."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    monkeypatch.setattr(ops, "_max_shared_memory", lambda index: 232_448)  # an H100's
+    gpu = torch.device("cuda", 0)  # a device object only: nothing runs
+    with set_wrap_triton_enabled(False):
+        eager = ops.dq_config(512, 128, torch.bfloat16, gpu)
+    with set_wrap_triton_enabled(True):
+        traced = ops.dq_config(512, 128, torch.bfloat16, gpu)
+    assert eager == ops.LARGE_CONFIGS["dq", 128][0] and eager.max_registers is not None
+    assert traced.max_registers is None and (traced.block_k, traced.prescale) == (eager.block_k, eager.prescale)
+    monkeypatch.setattr(ops, "_max_shared_memory", lambda index: 101_376)  # an L4's
+    with set_wrap_triton_enabled(False):
+        assert ops.dq_config(512, 128, torch.bfloat16, gpu) == traced
 
 
 def test_bias_gradient_on_tiles_wider_than_tall(monkeypatch):

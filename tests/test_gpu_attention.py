@@ -4,6 +4,7 @@ torch.library.opcheck and torch.compile. Skipped without CUDA (run by `nox -s gp
 import pytest
 import torch
 from helpers import forward_and_grads
+from torch._library.triton import set_wrap_triton_enabled
 
 from flash_tt_attn import attention, ops
 from flash_tt_attn.reference import attention_chunked
@@ -58,8 +59,9 @@ GPU_SHARED_MEMORY = {"A100": 166_912, "L4": 101_376}  # bytes per program, as Tr
 def test_configs_for_gpus_with_less_shared_memory(monkeypatch, gpu, B, H, L, D, dtype, masked):
     """The configs an A100 or an L4 gets in place of the H100's larger ones (ops.LARGE_CONFIGS), run here."""
     monkeypatch.setattr(ops, "_max_shared_memory", lambda index: GPU_SHARED_MEMORY[gpu])
-    chosen = [choose(L, D, dtype, torch.device("cuda"))
-              for choose in (ops.forward_config, ops.dq_config, ops.dkdv_config, ops.dbias_config)]
+    with set_wrap_triton_enabled(False):  # as inside the custom op's eager call
+        chosen = [choose(L, D, dtype, torch.device("cuda"))
+                  for choose in (ops.forward_config, ops.dq_config, ops.dkdv_config, ops.dbias_config)]
     assert all(cfg != large for cfg in chosen for large, needed in ops.LARGE_CONFIGS.values()
                if needed > GPU_SHARED_MEMORY[gpu])
     test_kernels_match_fp64_reference(B, H, L, D, dtype, masked)
