@@ -86,8 +86,9 @@ def _interpreter_config(L: int, rows: int) -> LaunchConfig:
     return LaunchConfig(block, block, 1, 1, rows=rows)
 
 
-# Probes 6 and 7 (experiments/tuning/) chose these on the H100; PERF.md has the numbers. fp32 (and fp64,
-# which the API routes to the reference on CUDA) runs its products on the FMA units: small tiles, untuned.
+# Probes on the H100 chose these (probes 6 and 7 first; rows in experiments/tuning/, numbers in PERF.md). fp32
+# (and fp64, which the API routes to the reference on CUDA) runs its products on the FMA units: small tiles,
+# untuned.
 def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
     """Tiles for the forward kernel (rows i per program: 1, 2 or 4)."""
     if device.type != "cuda":
