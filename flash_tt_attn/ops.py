@@ -100,7 +100,12 @@ def forward_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.devi
         # which keeps the tile at 219 registers (probe 27: 0.99 -> 0.90 ms at B=1 H=4 L=512 bf16).
         return _if_it_fits("forward", 128, device, otherwise=LaunchConfig(64, 64, 4, 2, pipeline_all_loads=True))
     if head_dim == 64:
-        return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True)
+        # 128 queries and 8 warps with q in shared memory, capped at 128 registers: two programs of 8 warps per
+        # SM (probe 29: 4.28-4.53 -> 3.96-4.24 ms at B=4 H=8 L=512 fp16). Uncapped the tile runs one program
+        # per SM, 12% slower than 64x64 (probe 28), so traced launches take 64x64 tiles.
+        return _uncapped_when_traced(LaunchConfig(128, 64, 8, 3, pipeline_all_loads=True, max_registers=128,
+                                                  prescale=False),
+                                     LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True, prescale=False))
     return LaunchConfig(64, 64, 4, 3, rows=2, pipeline_all_loads=True)
 
 
@@ -111,12 +116,11 @@ def dq_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -
     if dtype in (torch.float32, torch.float64):
         return LaunchConfig(32, 32, 4, 1)
     if head_dim >= 128:
-        # The 128x32 tiles run two programs of 8 warps per SM only under their 128-register cap, which a traced
-        # launch (torch.compile) cannot carry: uncapped they need 147 registers, one program per SM (probe 31:
-        # 1.74 ms compiled against 1.14 eager). Traced launches, and GPUs without the shared memory for them,
-        # take 64x32 tiles: the same key blocks and arithmetic per query, three programs of 4 warps.
+        # The 128x32 tiles run two programs of 8 warps per SM only under their 128-register cap: uncapped they
+        # need 147 registers, one program per SM (probe 31: 1.74 ms compiled against 1.14 eager). Traced
+        # launches, and GPUs without the shared memory for them, take 64x32 tiles (three programs of 4 warps).
         narrow = LaunchConfig(64, 32, 4, 2, pipeline_all_loads=True, prescale=False)
-        return narrow if _launch_is_traced() else _if_it_fits("dq", 128, device, otherwise=narrow)
+        return _uncapped_when_traced(_if_it_fits("dq", 128, device, otherwise=narrow), narrow)
     if head_dim == 64:
         # 128 queries and 8 warps with q in shared memory: 116 registers, two programs per SM (probe 28: the
         # kernel 5.5-5.7 -> 5.0-5.2 ms at B=4 H=8 L=512 fp16).
@@ -179,6 +183,13 @@ LARGE_CONFIGS: dict[tuple[str, int], tuple[LaunchConfig, int]] = {
 def _max_shared_memory(device_index: int) -> int:
     """Bytes of shared memory one program may use on this CUDA device (Triton's own limit)."""
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def _uncapped_when_traced(capped: LaunchConfig, uncapped: LaunchConfig) -> LaunchConfig:
+    """capped, except in a traced launch (torch.compile), which cannot carry its register cap
+    (_launch_options): there uncapped, a config with the same key blocks and arithmetic per query, so that
+    compiled and eager calls give the same bits (probes 30 and 33: rows per tile do not change the results)."""
+    return uncapped if _launch_is_traced() else capped
 
 
 def _if_it_fits(kernel: str, head_dim: int, device: torch.device, otherwise: LaunchConfig) -> LaunchConfig:

@@ -250,22 +250,27 @@ def test_configs_needing_more_shared_memory_than_the_gpu_has_are_not_chosen(monk
             assert (chosen == large) == (needed <= max_shared_memory), (name, head_dim, dtype)
 
 
-def test_traced_launches_of_the_d128_dq_get_uncapped_tiles(monkeypatch):
-    """The D = 128 dq tiles rely on a register cap that a traced launch (torch.compile) cannot carry: traced
-    launches get the 64x32 tiles that GPUs with less shared memory get, which need no cap."""
+@pytest.mark.parametrize("chooser,head_dim", [("forward_config", 64), ("dq_config", 128)])
+def test_traced_launches_of_register_capped_tiles_get_uncapped_ones(monkeypatch, chooser, head_dim):
+    """Tiles that rely on a register cap, which a traced launch (torch.compile) cannot carry: traced launches get
+    uncapped tiles with the same key blocks and arithmetic per query (for dq at D = 128, the tiles that GPUs
+    with less shared memory get)."""
     from torch._library.triton import set_wrap_triton_enabled
 
     monkeypatch.setattr(ops, "_max_shared_memory", lambda index: 232_448)  # an H100's
     gpu = torch.device("cuda", 0)  # a device object only: nothing runs
+    choose = getattr(ops, chooser)
     with set_wrap_triton_enabled(False):
-        eager = ops.dq_config(512, 128, torch.bfloat16, gpu)
+        eager = choose(512, head_dim, torch.bfloat16, gpu)
     with set_wrap_triton_enabled(True):
-        traced = ops.dq_config(512, 128, torch.bfloat16, gpu)
-    assert eager == ops.LARGE_CONFIGS["dq", 128][0] and eager.max_registers is not None
-    assert traced.max_registers is None and (traced.block_k, traced.prescale) == (eager.block_k, eager.prescale)
-    monkeypatch.setattr(ops, "_max_shared_memory", lambda index: 101_376)  # an L4's
-    with set_wrap_triton_enabled(False):
-        assert ops.dq_config(512, 128, torch.bfloat16, gpu) == traced
+        traced = choose(512, head_dim, torch.bfloat16, gpu)
+    assert eager.max_registers is not None and traced.max_registers is None
+    assert (traced.block_k, traced.prescale, traced.rows) == (eager.block_k, eager.prescale, eager.rows)
+    if (chooser, head_dim) == ("dq_config", 128):
+        assert eager == ops.LARGE_CONFIGS["dq", 128][0]
+        monkeypatch.setattr(ops, "_max_shared_memory", lambda index: 101_376)  # an L4's
+        with set_wrap_triton_enabled(False):
+            assert choose(512, head_dim, torch.bfloat16, gpu) == traced
 
 
 def test_bias_gradient_on_tiles_wider_than_tall(monkeypatch):
