@@ -11,6 +11,7 @@ import pytest
 import torch
 import triton.language as tl
 from helpers import forward_and_grads
+from torch._library.triton import set_wrap_triton_enabled
 
 from flash_tt_attn import attention, ops
 from flash_tt_attn.reference import attention_chunked, attention_reference
@@ -221,8 +222,6 @@ def test_dkdv_reading_a_key_major_copy_of_the_bias(monkeypatch, bias_view):
 def test_traced_launches_of_register_capped_configs_run_serialized():
     """torch.compile's traced launches cannot carry maxnreg: a config that settles its accumulators under a
     register cap runs serialized there (same bits, fewer registers); eager launches keep both."""
-    from torch._library.triton import set_wrap_triton_enabled
-
     capped = ops.LaunchConfig(64, 64, 4, 3, max_registers=168)
     uncapped = ops.LaunchConfig(64, 64, 4, 3)
     gpu = torch.device("cuda")  # a device object only: nothing runs
@@ -239,8 +238,6 @@ def test_traced_launches_of_register_capped_configs_run_serialized():
 def test_configs_needing_more_shared_memory_than_the_gpu_has_are_not_chosen(monkeypatch, max_shared_memory):
     """A chooser picks one of ops.LARGE_CONFIGS only where the GPU's shared memory per program (its limit as
     Triton reports it) holds it: every one of them on an H100, where they were tuned, none on an L4."""
-    from torch._library.triton import set_wrap_triton_enabled
-
     monkeypatch.setattr(ops, "_max_shared_memory", lambda index: max_shared_memory)
     gpu = torch.device("cuda", 0)  # a device object only: nothing runs
     for (name, head_dim), (large, needed) in ops.LARGE_CONFIGS.items():
@@ -255,8 +252,6 @@ def test_traced_launches_of_register_capped_tiles_get_uncapped_ones(monkeypatch,
     """Tiles that rely on a register cap, which a traced launch (torch.compile) cannot carry: traced launches get
     uncapped tiles with the same key blocks and arithmetic per query (for dq at D = 128, the tiles that GPUs
     with less shared memory get)."""
-    from torch._library.triton import set_wrap_triton_enabled
-
     monkeypatch.setattr(ops, "_max_shared_memory", lambda index: 232_448)  # an H100's
     gpu = torch.device("cuda", 0)  # a device object only: nothing runs
     choose = getattr(ops, chooser)

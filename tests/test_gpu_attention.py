@@ -87,7 +87,8 @@ def test_opcheck():
 @pytest.mark.parametrize("D", [32, 64, 128])
 def test_compile_fullgraph_matches_eager(D):
     """Also at D = 64 and 128, whose config choosers ask the GPU for its shared memory (ops.LARGE_CONFIGS)
-    while torch.compile traces the launch."""
+    while torch.compile traces the launch, and where a traced launch takes uncapped tiles in place of eager's
+    register-capped ones (ops._uncapped_when_traced): the bits must still match."""
     q, k, v, bias, mask = _inputs(1, 2, 64, D, torch.bfloat16, True)
     dout = torch.randn_like(q)
     compiled = torch.compile(attention, fullgraph=True)
