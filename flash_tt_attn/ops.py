@@ -11,7 +11,6 @@ No argument checking happens here: :mod:`flash_tt_attn.api` validates first.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -30,7 +29,6 @@ from .kernels.backward import (
     attention_bwd_dq_kernel,
     sum_row_splits_kernel,
 )
-from .kernels.backward_fused import attention_bwd_delta_kernel, attention_bwd_dkdvdq_kernel
 from .kernels.forward import attention_fwd_kernel
 
 
@@ -148,13 +146,6 @@ def dkdv_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device)
     # within each iteration (SETTLE_ACCUMULATORS) needs more registers than probe 10's cap of 128.
     # Traced launches cannot be capped and run the serialized form instead (_settle).
     return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True, key_major_bias=True, max_registers=168)
-
-
-def dkdvdq_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """Tiles for the fused dk/dv/dq kernel (kernels/backward_fused.py; rows field unused)."""
-    if device.type != "cuda":
-        return dataclasses.replace(_interpreter_config(L, rows=1), key_major_bias=True)
-    return LaunchConfig(64, 64, 4, 3, pipeline_all_loads=True, key_major_bias=True, max_registers=FUSED_MAX_REGISTERS)
 
 
 def dbias_config(L: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
@@ -433,54 +424,6 @@ def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> t
     return dk, dv
 
 
-# Switches for probe 35 (PERF.md): fold dq into the dk/dv pass (kernels/backward_fused.py), with this many
-# persistent programs per SM and this register cap.
-FUSED_DQ = False
-FUSED_SLOTS_PER_SM = 2
-FUSED_MAX_REGISTERS: Optional[int] = None
-
-
-def _fused_slots(device: torch.device, rows: int) -> int:
-    """Persistent programs of the fused kernel: enough to fill the GPU, never more than rows to take."""
-    if device.type != "cuda":
-        return min(rows, 2)  # the interpreter: two slots still exercise a strip's reuse across rows
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    sms = torch.cuda.get_device_properties(index).multi_processor_count
-    return min(rows, sms * FUSED_SLOTS_PER_SM)
-
-
-def _launch_delta(dout, out, delta):
-    """delta = rowsum(dO · O) in fp32, for the kernels that follow."""
-    B, H, R, L, D = out.shape
-    block = 64
-    wrap_triton(attention_bwd_delta_kernel)[(triton.cdiv(L, block), R, B * H)](
-        out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), H, L,
-        BLOCK_J=block, HEAD_DIM=D, ACC_DTYPE=_acc_dtype(out.dtype),
-    )
-
-
-def _launch_dkdvdq(dout, q, k, v, bias, mask_args, lse, delta, scale, common):
-    """dq, dk and dv in one pass over the scores (kernels/backward_fused.py), from delta."""
-    B, H, R, L, D = q.shape
-    mask_t, mask_strides, _ = mask_args
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    cfg = dkdvdq_config(L, D, q.dtype, q.device)
-    slots = _fused_slots(q.device, B * H * R)
-    strips = torch.empty((slots, L, D), dtype=lse.dtype, device=q.device)
-    bias_tiles = bias.mT.contiguous().mT if cfg.key_major_bias else bias
-    wrap_triton(attention_bwd_dkdvdq_kernel)[(slots,)](
-        q, k, v, bias_tiles, mask_t, dout, lse, delta, dq, dk, dv, strips,
-        *q.stride(), *k.stride(), *v.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
-        *bias_tiles.stride(), *mask_strides, *lse.stride(),
-        H, R, L, B * H * R, scale, ROW_OFFSET_DTYPE=_row_offset_dtype(L, q, dout),
-        SETTLE=_settle(q.dtype, q.device, cfg), **_prescaled(common, cfg), **_tile_args(L, cfg),
-        **_launch_options(cfg),
-    )
-    return dq, dk, dv
-
-
 def backward_constants(q: torch.Tensor, mask_args, scale: float) -> dict:
     """The compile-time constants every backward kernel takes, for q's dtype and device, the mask (as
     _mask_args gives it) and the scale."""
@@ -509,13 +452,8 @@ def attention_bwd(
     mask_args = _mask_args(mask, q)
     common = backward_constants(q, mask_args, scale)
     args = (dout, q, k, v, bias, mask_args)
-    plan = _dbias_plan(q)
-    if FUSED_DQ:
-        _launch_delta(dout, out, delta)
-        dbias = _launch_dbias(*args, lse, delta, scale, common, plan)
-        dq, dk, dv = _launch_dkdvdq(*args, lse, delta, scale, common)
-        return dq, dk, dv, dbias
     dq = _launch_dq(*args, out, lse, delta, scale, common)
+    plan = _dbias_plan(q)
     if plan[1] > 1:  # fp32 partial sums over row splits
         dbias = _launch_dbias(*args, lse, delta, scale, common, plan)
         dk, dv = _launch_dkdv(*args, lse, delta, scale, common)

@@ -11,6 +11,9 @@ variants, alternated over two rounds (medians of do_bench, ms); gradients of eac
 shipped ones (max abs difference over max abs), and the fused gradients of two calls compared bitwise. At one
 small shape every variant's gradients are compared with the fp64 reference.
 
+Ran at 8b9fee9, whose library has the fused kernel and ops' switches; they were removed after this probe
+(PERF.md: rejected), so check out that commit to run it again.
+
 Usage: python experiments/scripts/probe35.py OUT_DIR
 """
 
