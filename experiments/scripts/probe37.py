@@ -4,9 +4,10 @@ found the compiled call 7-12% slower than eager with its kernels' device time wi
 For eager and `torch.compile(attention, fullgraph=True, dynamic=False)` at B=4 H=8 L=512 D=64 fp16, alternated
 twice: eight forward+backward steps enqueued back to back (as do_bench runs them) under the torch profiler with CPU
 and CUDA activities. Logged per variant: the wall time of the eight steps, the GPU's busy time (union of kernel
-intervals) and its idle gaps (the eight largest, with the kernels on either side and the host calls that ran
-during each gap), every CUDA runtime call by count and total host time, and the host time each step took to
-enqueue its work.
+intervals), the device time of each kernel (summed over the steps), the GPU's idle gaps (the eight largest, with
+the kernels on either side and the host calls that ran during each gap), every CUDA runtime call by count and
+total host time, and the host time each step took to enqueue its work. (The first run, before the per-kernel
+sums were added, is the first four rows of h100-probe-37.jsonl.)
 
 Usage: python experiments/scripts/probe37.py OUT_DIR
 """
@@ -54,7 +55,12 @@ def analyse(prof, wall_ms):
                                      and not e.name.startswith("probe37_step"))
         largest.append(dict(us=width, before=before[:60], after=after[:60],
                             host_calls=[f"{n[:50]} x{c}" for n, c in during.most_common(8)]))
-    return dict(wall_ms=wall_ms, kernel_busy_ms=busy / 1000, idle_ms=sum(g[0] for g in gaps) / 1000,
+    per_kernel = collections.defaultdict(float)
+    for start, stop, name in kernels:
+        per_kernel[name[:60]] += (stop - start) / 1000
+    return dict(wall_ms=wall_ms, kernel_busy_ms=busy / 1000,
+                kernel_ms={n: round(t, 3) for n, t in sorted(per_kernel.items())},
+                idle_ms=sum(g[0] for g in gaps) / 1000,
                 gaps_over_50us=sum(1 for g in gaps if g[0] > 50), enqueue_ms_per_step=steps, largest_gaps=largest,
                 runtime_calls={n: [c, round(t / 1000, 3)] for n, (c, t) in sorted(runtime.items())})
 
