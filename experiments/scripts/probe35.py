@@ -73,7 +73,7 @@ def check_against_fp64():
         use(name)
         got = tk.output_and_grads(lambda: attention(*inputs), inputs, dout)
         tk.log(kind="fp64_check", variant=name, shape=[B, H, L, D], dtype=str(dtype),
-               rel_err=[tk.rel(g, r) for g, r in zip(got, ref)])
+               rel_err=[tk.rel(g, r) for g, r in zip(got, ref, strict=True)])
 
 
 def one_target(B, H, L, D, dtype):
@@ -86,8 +86,8 @@ def one_target(B, H, L, D, dtype):
         use(name)
         first, second = call(), call()
         tk.log(kind="agreement", variant=name, shape=[B, H, L, D], dtype=str(dtype),
-               max_rel_vs_shipped=[max_rel(a, b) for a, b in zip(first, shipped)],
-               bitwise_repeat=all(torch.equal(a, b) for a, b in zip(first, second)))
+               max_rel_vs_shipped=[max_rel(a, b) for a, b in zip(first, shipped, strict=True)],
+               bitwise_repeat=all(torch.equal(a, b) for a, b in zip(first, second, strict=True)))
     for round_ in range(2):
         for name in VARIANTS:
             use(name)
