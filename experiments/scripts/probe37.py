@@ -6,8 +6,9 @@ twice: eight forward+backward steps enqueued back to back (as do_bench runs them
 and CUDA activities. Logged per variant: the wall time of the eight steps, the GPU's busy time (union of kernel
 intervals), the device time of each kernel (summed over the steps), the GPU's idle gaps (the eight largest, with
 the kernels on either side and the host calls that ran during each gap), every CUDA runtime call by count and
-total host time, and the host time each step took to enqueue its work. (The first run, before the per-kernel
-sums were added, is the first four rows of h100-probe-37.jsonl.)
+total host time, and the host time each step took to enqueue its work. (The first two runs, in the first eight
+rows of h100-probe-37.jsonl, counted the steps' record_function ranges, which the profiler also puts on the GPU's
+timeline, as kernels: their busy and idle figures may hide gaps; the first run also lacks per-kernel sums.)
 
 Usage: python experiments/scripts/probe37.py OUT_DIR
 """
@@ -28,7 +29,10 @@ STEPS = 8
 
 
 def intervals(events, device_type):
-    return sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == device_type)
+    """(start, end, name) of the events on device_type, without the steps' own annotations (record_function
+    ranges also appear on the GPU's timeline, and counted as busy time they would hide gaps)."""
+    return sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                  if e.device_type == device_type and not e.name.startswith("probe37_step"))
 
 
 def analyse(prof, wall_ms):
