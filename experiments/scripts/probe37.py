@@ -2,13 +2,14 @@
 found the compiled call 7-12% slower than eager with its kernels' device time within 2%, and no allocator calls).
 
 For eager and `torch.compile(attention, fullgraph=True, dynamic=False)` at B=4 H=8 L=512 D=64 fp16, alternated
-twice: eight forward+backward steps enqueued back to back (no per-call events or L2 flush, unlike do_bench)
-under the torch profiler with CPU and CUDA activities. Logged per variant: the wall time of the eight steps, the GPU's busy time (union of kernel
-intervals), the device time of each kernel (summed over the steps), the GPU's idle gaps (the eight largest, with
-the kernels on either side and the host calls that ran during each gap), every CUDA runtime call by count and
-total host time, and the host time each step took to enqueue its work. (The first two runs, the first ten
-rows of h100-probe-37.jsonl, counted the steps' record_function ranges, which the profiler also puts on the GPU's
-timeline, as kernels: their busy and idle figures may hide gaps; the first run also lacks per-kernel sums.)
+twice: eight forward+backward steps enqueued back to back (no per-call events or L2 flush, unlike do_bench) under
+the torch profiler with CPU and CUDA activities. Logged per variant: the wall time of the eight steps, the GPU's
+busy time (union of kernel intervals), the device time of each kernel (summed over the steps), the GPU's idle gaps
+(the eight largest, with the kernels on either side and the host calls that ran during each gap), every CUDA runtime
+call by count and total host time, and the host time each step took to enqueue its work.
+(The first two runs, the first ten rows of h100-probe-37.jsonl, counted the steps' record_function ranges, which the
+profiler also puts on the GPU's timeline, as kernels: their busy and idle figures may hide gaps; the first run also
+lacks per-kernel sums.)
 
 Usage: python experiments/scripts/probe37.py OUT_DIR
 """
