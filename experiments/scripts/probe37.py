@@ -70,6 +70,21 @@ def analyse(prof, wall_ms):
                 runtime_calls={n: [c, round(t / 1000, 3)] for n, (c, t) in sorted(runtime.items())})
 
 
+def traced_steps(step):
+    """Three warm-up steps, then STEPS steps back to back under the profiler: analyse()'s fields."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for i in range(STEPS):
+            with record_function(f"probe37_step{i}"):
+                step()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1000
+    return analyse(prof, wall_ms)
+
+
 def main():
     tk.OUT = sys.argv[1] if len(sys.argv) > 1 else "."
     tk.log(kind="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
@@ -82,17 +97,7 @@ def main():
     for name, fn in (("eager", attention), ("compiled", compiled), ("eager", attention), ("compiled", compiled)):
         def step(fn=fn):
             torch.autograd.grad(fn(q, k, v, bias), inputs, dout)
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            start = time.perf_counter()
-            for i in range(STEPS):
-                with record_function(f"probe37_step{i}"):
-                    step()
-            torch.cuda.synchronize()
-            wall_ms = (time.perf_counter() - start) * 1000
-        tk.log(kind="trace", variant=name, steps=STEPS, **shape, **analyse(prof, wall_ms))
+        tk.log(kind="trace", variant=name, steps=STEPS, **shape, **traced_steps(step))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,11 @@ Usage: python experiments/scripts/probe38.py OUT_DIR
 """
 
 import sys
-import time
 
 import torch
 import triton
 import tune_kernels as tk
-from probe37 import STEPS, analyse
-from torch.profiler import ProfilerActivity, profile, record_function
+from probe37 import STEPS, traced_steps
 
 from flash_tt_attn import attention
 
@@ -30,17 +28,7 @@ def main():
         def step(inputs=inputs, dout=dout):
             torch.autograd.grad(attention(*inputs), inputs, dout)
         for block in range(3):
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                start = time.perf_counter()
-                for i in range(STEPS):
-                    with record_function(f"probe37_step{i}"):
-                        step()
-                torch.cuda.synchronize()
-                wall_ms = (time.perf_counter() - start) * 1000
-            tk.log(kind="trace", variant="eager", block=block, steps=STEPS, **shape, **analyse(prof, wall_ms))
+            tk.log(kind="trace", variant="eager", block=block, steps=STEPS, **shape, **traced_steps(step))
 
 
 if __name__ == "__main__":
