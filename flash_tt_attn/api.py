@@ -98,12 +98,9 @@ def run_attention(q, k, v, bias, scale: float, mask) -> torch.Tensor:
     row shards (q of shape (B, H, R, L, D)): picks the path and names the shapes on out-of-memory."""
     try:
         if _uses_triton(q.device, q.dtype):
-            from .ops import DirectAttention, attention_fwd, direct_call_allowed  # noqa: PLC0415
+            from .ops import attention_fwd  # noqa: PLC0415
 
-            if direct_call_allowed(q, k, v, bias, mask):
-                out, _ = DirectAttention.apply(q, k, v, bias, mask, scale)
-            else:
-                out, _ = attention_fwd(q, k, v, bias, mask, scale)
+            out, _ = attention_fwd(q, k, v, bias, mask, scale)
             return out
         return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)
     except torch.OutOfMemoryError as error:

@@ -4,8 +4,7 @@ Two custom ops, ``flash_tt_attn::attention_fwd`` and ``flash_tt_attn::attention_
 are defined with :func:`torch.library.triton_op` and launch their kernels through
 :func:`torch.library.wrap_triton`, so ``torch.compile(fullgraph=True)`` can trace them and
 ``torch.library.opcheck`` can test them. The forward's autograd formula is registered
-with :func:`torch.library.register_autograd`. Plain eager calls skip the custom-op dispatch:
-:class:`DirectAttention` calls the same launchers (:func:`launch_forward`, :func:`launch_backward`).
+with :func:`torch.library.register_autograd`.
 
 No argument checking happens here: :mod:`flash_tt_attn.api` validates first.
 """
@@ -19,9 +18,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
+from torch._library.triton import is_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ._compat import env_flag
 from .errors import out_of_memory
@@ -314,9 +312,12 @@ def dbias_splits(B: int, H: int, R: int, L: int, head_dim: int, cfg: LaunchConfi
     return max(1, min(wanted, head_dim // 2, R))
 
 
-def launch_forward(q, k, v, bias, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward kernel's launch, behind both :func:`attention_fwd` and :class:`DirectAttention`:
-    returns the output (q's dtype) and the base-2 log-sum-exp (B, H, R, L), fp32.
+@triton_op("flash_tt_attn::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+    mask: Optional[torch.Tensor], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: returns the output (q's dtype) and the base-2 log-sum-exp (B, H, R, L), fp32.
 
     q, k, v: (B, H, R, L, D) hold R rows i (R = L for the whole pair tensor, fewer for a
     shard of rows); bias (B, H, L, L); mask (B, R, L) or None.
@@ -344,15 +345,6 @@ def launch_forward(q, k, v, bias, mask, scale: float) -> tuple[torch.Tensor, tor
         **_launch_options(cfg),
     )
     return out, lse
-
-
-@triton_op("flash_tt_attn::attention_fwd", mutates_args=())
-def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-    mask: Optional[torch.Tensor], scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward as a custom op (:func:`launch_forward`): the output and the base-2 log-sum-exp, fp32."""
-    return launch_forward(q, k, v, bias, mask, scale)
 
 
 def _launch_dq(dout, q, k, v, bias, mask_args, out, lse, delta, scale, common) -> torch.Tensor:
@@ -440,9 +432,12 @@ def backward_constants(q: torch.Tensor, mask_args, scale: float) -> dict:
                 FAST_EXP2=_fast_exp2(q.dtype, q.device))
 
 
-def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float) -> tuple[torch.Tensor, ...]:
-    """The backward kernels' launches, behind both :func:`attention_bwd` and :class:`DirectAttention`:
-    returns dq, dk, dv (their inputs' dtypes) and dbias (bias's dtype), summed over the R rows.
+@triton_op("flash_tt_attn::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+    mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: returns dq, dk, dv (their inputs' dtypes) and dbias (bias's dtype), summed over the R rows.
 
     Three kernels and no atomics (see kernels/backward.py). dq runs first (it also writes delta); the
     other two run in the order that keeps the peak memory lower: the bias gradient first when it needs
@@ -468,15 +463,6 @@ def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float) -> tuple[
     return dq, dk, dv, dbias
 
 
-@triton_op("flash_tt_attn::attention_bwd", mutates_args=())
-def attention_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-    mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward as a custom op (:func:`launch_backward`): dq, dk, dv and dbias."""
-    return launch_backward(dout, q, k, v, bias, mask, out, lse, scale)
-
-
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, mask, scale = inputs
     out, lse = output
@@ -487,61 +473,15 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _gradients(ctx, dout, backward) -> tuple:
-    """The gradients for q, k, v, bias, mask and scale, from ``backward`` (the op or its launcher)."""
+def _backward(ctx, dout, dlse):
     if dout is None:  # nothing downstream used the output (lse has no gradient: see _setup_context)
         return None, None, None, None, None, None
     q, k, v, bias, mask, out, lse = ctx.saved_tensors
     try:
-        dq, dk, dv, dbias = backward(dout, q, k, v, bias, mask, out, lse, ctx.scale)
+        dq, dk, dv, dbias = attention_bwd(dout, q, k, v, bias, mask, out, lse, ctx.scale)
     except torch.OutOfMemoryError as error:
         raise out_of_memory(error, "backward", q) from error
     return dq, dk, dv, dbias, None, None
 
 
-def _backward(ctx, dout, dlse):
-    return _gradients(ctx, dout, attention_bwd)
-
-
 torch.library.register_autograd("flash_tt_attn::attention_fwd", _backward, setup_context=_setup_context)
-
-
-# A switch for benchmarks: plain eager calls launch through DirectAttention (probe 40 timed both; PERF.md v18).
-DIRECT_EAGER_CALLS = True
-
-
-def direct_call_allowed(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether a call with these inputs may launch through :class:`DirectAttention` instead of the custom op:
-    a plain eager call. torch.compile and make_fx trace the op, opcheck and Inductor run it on fake or
-    functional tensors (tensor subclasses, dispatch modes), and functorch transforms use its registered
-    autograd; all of those keep the op."""
-    return (DIRECT_EAGER_CALLS
-            and not torch.compiler.is_compiling()
-            and not is_in_torch_dispatch_mode()
-            and not torch._C._are_functorch_transforms_active()
-            and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
-
-
-class DirectAttention(torch.autograd.Function):
-    """The custom op's forward and backward for plain eager calls (:func:`direct_call_allowed`), launched
-    without torch's custom-op dispatch, which costs the host about as much as Triton's launches do (probe 39).
-
-    The same launchers under the same switch as the op's eager calls (wrap_triton off, so register caps
-    apply), hence the same configs and the same bits; the same tensors saved for the backward.
-    """
-
-    @staticmethod
-    def forward(q, k, v, bias, mask, scale):
-        with set_wrap_triton_enabled(False):
-            return launch_forward(q, k, v, bias, mask, scale)
-
-    setup_context = staticmethod(_setup_context)
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        if torch.is_grad_enabled():
-            # create_graph=True: the op's gradients then refuse to be differentiated (no second derivatives),
-            # as they do on the custom op's path; the launcher's would silently have no grad_fn.
-            return _gradients(ctx, dout, attention_bwd)
-        with set_wrap_triton_enabled(False):
-            return _gradients(ctx, dout, launch_backward)
