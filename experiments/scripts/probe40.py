@@ -4,6 +4,9 @@ issue-5 targets and the two head-dim configurations, forward and forward+backwar
 two rounds. Also the host's time per call enqueued back to back (50 calls, no synchronize), and whether both
 paths give the same bits (output and the four gradients).
 
+Runs against aea8cb7, whose library had ops.DirectAttention and the ops.DIRECT_EAGER_CALLS switch; the next
+commit reverted them after this probe (PERF.md, probe 40).
+
 Usage: python experiments/scripts/probe40.py OUT_DIR
 """
 
