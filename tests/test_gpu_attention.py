@@ -1,5 +1,5 @@
 """GPU tests of attention(): dtypes, head dims and lengths on the Triton kernels, determinism,
-torch.library.opcheck and torch.compile. Skipped without CUDA (run by `nox -s gpu_tests`)."""
+torch.library.opcheck, torch.compile and CUDA graphs. Skipped without CUDA (run by `nox -s gpu_tests`)."""
 
 import pytest
 import torch
@@ -97,4 +97,37 @@ def test_compile_fullgraph_matches_eager(D):
     # The same kernels with the same arguments: the kernels cast the scale to fp32, which Inductor's launch
     # passes as fp64 (kernels/common.py), so the results are bitwise equal, not just close.
     for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want, strict=True):
+        assert torch.equal(g, w), name
+
+
+@pytest.mark.parametrize("D", [32, 128])
+def test_cuda_graph_replay_gives_the_eager_bits(D):
+    """Small calls are bound by the host's launch work (PERF.md, next step 8), which a CUDA graph removes: a
+    forward+backward captured once and replayed on new values in the same tensors gives the eager call's bits.
+    D = 128 also asks the GPU for its shared memory while choosing tiles (ops.LARGE_CONFIGS)."""
+    q, k, v, bias, mask = _inputs(1, 2, 64, D, torch.bfloat16, True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    dout = torch.randn_like(q)
+
+    def step():
+        out = attention(*leaves, mask=mask)
+        return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = step()
+    fresh = _inputs(1, 2, 64, D, torch.bfloat16, True, seed=1)[:4]
+    fresh_dout = torch.randn_like(dout)
+    with torch.no_grad():
+        for leaf, value in zip(leaves, fresh, strict=True):
+            leaf.copy_(value)
+        dout.copy_(fresh_dout)
+    graph.replay()
+    want = forward_and_grads(attention, *fresh, fresh_dout, mask=mask)
+    for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), replayed, want, strict=True):
         assert torch.equal(g, w), name
