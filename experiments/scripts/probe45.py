@@ -13,6 +13,7 @@ import functools
 import sys
 
 import torch
+import torch._dynamo
 import triton
 import tune_kernels as tk
 
