@@ -300,6 +300,12 @@ def _mask_args(mask: Optional[torch.Tensor], like: torch.Tensor):
 SUM_BLOCK = 1024  # elements per program of the split reduction
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for b > 0. Not triton.cdiv, a Triton constexpr_function that costs the host about 2 µs a call
+    (probe 47); the launchers call this a dozen times per backward."""
+    return -(-a // b)
+
+
 def dbias_splits(B: int, H: int, R: int, L: int, head_dim: int, cfg: LaunchConfig) -> int:
     """How many chunks of the R rows i the bias gradient is summed over in parallel.
 
@@ -307,8 +313,8 @@ def dbias_splits(B: int, H: int, R: int, L: int, head_dim: int, cfg: LaunchConfi
     chunks, so the fp32 partial sums take no more memory than q does in 16 bits.
     Depends only on shapes, so the reduction order (and the result) is reproducible.
     """
-    tiles = B * H * triton.cdiv(L, cfg.block_j) * triton.cdiv(L, cfg.block_k)
-    wanted = triton.cdiv(1024, tiles)
+    tiles = B * H * cdiv(L, cfg.block_j) * cdiv(L, cfg.block_k)
+    wanted = cdiv(1024, tiles)
     return max(1, min(wanted, head_dim // 2, R))
 
 
@@ -331,7 +337,7 @@ def attention_fwd(
     cfg = forward_config(L, D, q.dtype, q.device)
     if cfg.rows not in (1, 2, 4):
         raise ValueError(f"the forward kernel takes 1, 2 or 4 rows per program, not {cfg.rows}")
-    grid = (triton.cdiv(L, cfg.block_j), triton.cdiv(R, cfg.rows), B * H)
+    grid = (cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H)
     wrap_triton(attention_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -355,7 +361,7 @@ def _launch_dq(dout, q, k, v, bias, mask_args, out, lse, delta, scale, common) -
     cfg = dq_config(L, D, q.dtype, q.device)
     if cfg.rows not in (1, 2):
         raise ValueError(f"the dq kernel takes 1 or 2 rows per program, not {cfg.rows}")
-    wrap_triton(attention_bwd_dq_kernel)[(triton.cdiv(L, cfg.block_j), triton.cdiv(R, cfg.rows), B * H)](
+    wrap_triton(attention_bwd_dq_kernel)[(cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H)](
         q, k, v, bias, mask_t, out, dout, lse, delta, dq,
         *q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
         *bias.stride(), *mask_strides, *lse.stride(),
@@ -370,8 +376,8 @@ def _dbias_plan(q: torch.Tensor) -> tuple[LaunchConfig, int, int]:
     """The bias-gradient kernel's config, its number of row splits and rows per split."""
     B, H, R, L, D = q.shape
     cfg = dbias_config(L, D, q.dtype, q.device)
-    rows_per_split = triton.cdiv(R, dbias_splits(B, H, R, L, D, cfg))
-    return cfg, triton.cdiv(R, rows_per_split), rows_per_split
+    rows_per_split = cdiv(R, dbias_splits(B, H, R, L, D, cfg))
+    return cfg, cdiv(R, rows_per_split), rows_per_split
 
 
 def _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common, plan) -> torch.Tensor:
@@ -382,7 +388,7 @@ def _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common, pla
     # One split: the kernel writes the gradient in bias's dtype directly (no fp32 buffer, no cast).
     partial_dtype = bias.dtype if splits == 1 else lse.dtype
     partial = torch.empty((splits, B, H, L, L), dtype=partial_dtype, device=q.device)
-    tiles = triton.cdiv(L, cfg.block_j) * triton.cdiv(L, cfg.block_k)
+    tiles = cdiv(L, cfg.block_j) * cdiv(L, cfg.block_k)
     wrap_triton(attention_bwd_dbias_kernel)[(tiles, splits, B * H)](
         q, k, v, bias, mask_t, dout, lse, delta, partial,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
@@ -395,7 +401,7 @@ def _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common, pla
     # Fixed-order reduction over the splits: deterministic, unlike float atomics.
     dbias = torch.empty((B, H, L, L), dtype=bias.dtype, device=q.device)
     n_elements = dbias.numel()
-    wrap_triton(sum_row_splits_kernel)[(triton.cdiv(n_elements, SUM_BLOCK),)](
+    wrap_triton(sum_row_splits_kernel)[(cdiv(n_elements, SUM_BLOCK),)](
         partial, dbias, n_elements, splits, ACC_DTYPE=_acc_dtype(q.dtype), BLOCK=SUM_BLOCK,
     )
     return dbias
@@ -413,7 +419,7 @@ def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> t
     # The same bias values, strided key-major (a copy unless it already is, as for the ending node's
     # transposed view): this kernel's transposed tiles then load as contiguous vectors.
     bias_tiles = bias.mT.contiguous().mT if cfg.key_major_bias else bias
-    wrap_triton(attention_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_k), triton.cdiv(R, cfg.rows), B * H)](
+    wrap_triton(attention_bwd_dkdv_kernel)[(cdiv(L, cfg.block_k), cdiv(R, cfg.rows), B * H)](
         q, k, v, bias_tiles, mask_t, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
         *bias_tiles.stride(), *mask_strides, *lse.stride(),

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import triton
 import triton.language as tl
 from helpers import forward_and_grads
 from torch._library.triton import set_wrap_triton_enabled
@@ -309,6 +310,13 @@ def test_bitwise_deterministic():
     for _ in range(2):
         again = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_cdiv_is_the_ceiling_of_the_quotient():
+    """ops.cdiv stands in for triton.cdiv on the host (grids, splits): the same values."""
+    for a in range(200):
+        for b in (1, 2, 3, 16, 32, 64, 128, 1024):
+            assert ops.cdiv(a, b) == math.ceil(a / b) == triton.cdiv(a, b), (a, b)
 
 
 def test_row_block_op_matches_rows_of_full_call():
