@@ -40,9 +40,11 @@ def load_kernels(directory):
     return modules
 
 
-def integer_args():
+def integer_args(key_major_bias=False):
     """Every integer argument's value for contiguous (B, H, L, L, D) tensors; strides of 1 become constexprs
-    and multiples of 16 get the divisibility hint, as Triton's JIT does."""
+    and multiples of 16 get the divisibility hint, as Triton's JIT does. With key_major_bias the bias has the
+    strides of the key-major copy that ops._launch_dkdv makes for configs with LaunchConfig.key_major_bias
+    (the shipped D=32 dk/dv): bias[j, k] at k·L + j."""
     values = dict(H=H, R=L, L=L, rows_per_split=L, stride_mb=0, stride_mi=0, stride_mk=0)
     five = (H * L * L * D, L * L * D, L * D, D, 1)
     for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
@@ -51,14 +53,16 @@ def integer_args():
     for prefix, names in (("b", "bhjk"), ("l", "bhij")):
         for n, stride in zip(names, (H * L * L, L * L, L, 1), strict=True):
             values[f"stride_{prefix}{n}"] = stride
+    if key_major_bias:
+        values["stride_bj"], values["stride_bk"] = 1, L
     for n, stride in zip("sbhjk", (B * H * L * L, H * L * L, L * L, L, 1), strict=True):
         values[f"stride_p{n}"] = stride
     return values
 
 
-def compile_one(fn, constexprs):
+def compile_one(fn, constexprs, key_major_bias=False):
     pointers = dict(MASK="*u8", LSE="*fp32", DELTA="*fp32")
-    ints = integer_args()
+    ints = integer_args(key_major_bias)
     signature, attrs, constants = {}, {}, dict(constexprs)
     for index, name in enumerate(fn.arg_names):
         if name in constants:
@@ -100,7 +104,7 @@ def main():
         }
         for name, (fn, extra) in cases.items():
             try:
-                compiled = compile_one(fn, {**common, **extra})
+                compiled = compile_one(fn, {**common, **extra}, key_major_bias=name == "dkdv")
                 print(f"{name}: compiled ({compiled.metadata.shared} bytes of shared memory)", flush=True)
             except Exception as error:  # noqa: BLE001 - report every kernel
                 print(f"{name}: FAILED ({type(error).__name__}: {str(error).splitlines()[0][:120]})", flush=True)
