@@ -69,7 +69,14 @@ def main():
     first, last = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, len(TARGETS) - 1)
     tk.log(kind="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
            cudnn=torch.backends.cudnn.version())
+    from torch._dynamo import config
     from torch.nn.attention.flex_attention import flex_attention
+    # Every (L, dtype, grad mode, score_mod) recompiles flex; with dynamo's default limit of 8 the first run of
+    # this probe fell back to eager flex from the third target on (OOM, or 10-100x slower), as the pipeline's
+    # provider avoids by raising the same limits.
+    for knob in ("cache_size_limit", "recompile_limit"):
+        if hasattr(config, knob):
+            setattr(config, knob, max(getattr(config, knob), 512))
     flex_plain = torch.compile(flex_attention, dynamic=False)
     for B, H, L, D, dtype in TARGETS[first:last + 1]:
         shape = dict(B=B, H=H, L=L, D=D, dtype=str(dtype))
