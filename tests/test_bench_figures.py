@@ -25,7 +25,8 @@ def fake_rows(spec, ts="2026-01-01T00:00:00.000000+00:00"):
     rows = []
     biggest = max(p.L for p in spec.points())
     for p in spec.points():
-        scale = {"flash_tt_attn": 1.0, "naive": 8.0, "sdpa": 3.0, "flex": 1.5, "trifast": 2.0, "cueq": 2.5}
+        scale = {"flash_tt_attn": 1.0, "naive": 8.0, "sdpa": 3.0, "flex": 1.5, "trifast": 2.0, "cueq": 2.5,
+                 "flex_plain": 1.2, "sdpa_cudnn_plain": 1.1}
         ms = scale[p.provider] * (p.L / 128) ** 3 * (2.5 if p.mode == "fwd_bwd" else 1.0)
         row = {**p.fields(), "status": "ok", "ms": ms, "ms_p20": ms * 0.98, "ms_p80": ms * 1.03,
                "peak_mem_mb": scale[p.provider] * p.L ** 2 / 1000, "gpu": GPU, "driver": "1.0", "cuda": "13.0",
@@ -49,7 +50,7 @@ def workspace(tmp_path):
     shutil.copytree(EXPERIMENTS, specs, ignore=shutil.ignore_patterns("logs", "scripts"))
     logs = specs / "logs" / SLUG
     logs.mkdir(parents=True)
-    for spec_id in ("seed-fwd", "block", "correctness"):
+    for spec_id in ("seed-fwd", "block", "correctness", "ceilings"):
         spec = load_spec(specs / f"{spec_id}.yaml")
         rows = fake_rows(spec)
         if spec_id == "seed-fwd":  # an older row for one point, which must lose to the newer one
@@ -74,6 +75,8 @@ def test_figures_are_byte_identical_and_indexed(workspace):
     assert f"{SLUG}/fused-attention-batch4-head8-d32-fwd-memory.png" in a
     assert f"{SLUG}/triangle-block-c128-head4-d32-bf16-fwd_bwd-latency.png" in a
     assert f"{SLUG}/correctness.md" in a and f"{SLUG}/seed-fwd-speedup.csv" in a
+    assert f"{SLUG}/ceilings-batch1-head4-d32-bf16-fwd_bwd-latency.png" in a  # eight providers' styles, dashed ones
+    assert "| flex_plain ms | vs flex_plain |" in a[f"{SLUG}/ceilings-speedup.md"].decode()
     png = a[f"{SLUG}/fused-attention-batch4-head8-d32-fwd-latency.png"]
     assert png.startswith(b"\x89PNG") and b"Software" not in png and b"Matplotlib" not in png
 

@@ -169,3 +169,31 @@ def test_a_stated_commit_wins_over_the_copy_s_own_git(monkeypatch):
     monkeypatch.delenv("FLASH_TT_ATTN_GIT_SHA")
     sha, _ = env._git_state()
     assert sha != "0123abc" and (sha is None or len(sha) == 40)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_bias_free_ceilings_are_plain_attention_over_the_folded_rows(monkeypatch):
+    """flex_plain and sdpa_cudnn_plain fold rows into the batch and ignore the bias: their output is the
+    reference attention with a zero bias. Checked on the CPU with each provider's kernel choice stubbed out
+    (eager flex, SDPA's default backend); on a CPU device their load() says unsupported."""
+    import contextlib
+
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from flash_tt_attn.reference import attention_reference
+
+    torch.manual_seed(0)
+    B, H, L, D = 2, 3, 8, 16
+    q, k, v = (torch.randn(B, H, L, L, D, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(B, H, L, L, dtype=torch.float64)
+    expected = attention_reference(q, k, v, torch.zeros_like(bias))
+    monkeypatch.setattr(providers, "_COMPILED_FLEX", flex_attention)
+    for cls in (providers.FlexPlain, providers.SdpaCudnnPlain):
+        provider = cls()
+        with pytest.raises(providers.Unsupported, match="CUDA"):
+            provider.load(torch.device("cpu"))
+        provider._context = contextlib.nullcontext
+        native = [providers.to_layout(t, provider.layout).contiguous() for t in (q, k, v)]
+        out = providers.from_layout(provider.bind(*native, bias)(), provider.layout)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10, msg=cls.name)

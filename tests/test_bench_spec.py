@@ -38,7 +38,7 @@ def test_shipped_specs_are_valid():
     paths = all_spec_paths(EXPERIMENTS)
     ids = {p.stem for p in paths}
     assert {"seed-fwd", "seed-fwd_bwd", "alphafold", "targets", "headdims", "long", "block", "correctness",
-            "smoke"} <= ids
+            "smoke", "ceilings"} <= ids
     specs = {s.id: s for s in map(load_spec, paths)}
     assert {f.file for f in specs["seed-fwd"].figures} == {
         "fused-attention-batch4-head8-d32-fwd-latency.png", "fused-attention-batch4-head8-d32-fwd-memory.png"}
@@ -46,6 +46,7 @@ def test_shipped_specs_are_valid():
         "fused-attention-batch4-head8-d32-fwd_bwd-latency.png", "fused-attention-batch4-head8-d32-fwd_bwd-memory.png"}
     assert specs["block"].op == "triangle_block"
     assert specs["correctness"].metrics == ("error",)
+    assert set(specs["ceilings"].providers) >= {"flex_plain", "sdpa_cudnn_plain"}
     outputs = [o.file for s in specs.values() for o in (*s.figures, *s.tables)]
     assert len(outputs) == len(set(outputs)), "two specs claim one output"
 
@@ -80,6 +81,8 @@ def test_points_expand_the_cross_product_and_match_row_keys(tmp_path):
     pytest.param(changed(outputs={"tables": [{"file": "x", "kind": "errors"}]}), "outputs.tables[0].kind",
                  id="errors-table-needs-error-metric"),
     pytest.param(changed(outputs={"plots": []}), "outputs.plots", id="unknown-output-field"),
+    pytest.param(changed(providers=["flash_tt_attn", "flex_plain"], metrics=["error"], outputs={}), "providers",
+                 id="bias-free-ceiling-has-no-errors"),
 ])
 def test_invalid_spec_names_file_and_field(tmp_path, data, field):
     path = write(tmp_path, data)

@@ -7,7 +7,7 @@ the "Software" stamp (matplotlib writes no date into PNGs).
 
 from __future__ import annotations
 
-from .spec import PROVIDERS, FigureOut, Spec
+from .spec import BIAS_FREE, PROVIDERS, FigureOut, Spec
 
 RC = {
     "font.family": "DejaVu Sans",
@@ -19,7 +19,7 @@ RC = {
     "path.simplify": False,
     "svg.hashsalt": "flash_tt_attn",
 }
-_MARKERS = ("o", "s", "^", "D", "v", "P")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _LABELS = {"latency": ("ms", "latency (ms, median; bars p20–p80)"),
            "memory": ("peak_mem_mb", "peak memory (MB = 2^20 bytes)")}
 
@@ -57,8 +57,10 @@ def plot(df, spec: Spec, fig: FigureOut, title: str, path) -> None:
         plt.rcParams.update(RC)
         f, ax = plt.subplots()
         if providers:
+            # The bias-free reference ceilings are dashed: they run less work than the others.
+            dashes = {p: (4, 2) if p in BIAS_FREE else "" for p in providers}
             sns.lineplot(data=ok, x="L", y=col, hue="provider", hue_order=providers, style="provider",
-                         style_order=providers, palette=colors, markers=markers, dashes=False, errorbar=None,
+                         style_order=providers, palette=colors, markers=markers, dashes=dashes, errorbar=None,
                          ax=ax)
         if fig.metric == "latency":
             for p in providers:

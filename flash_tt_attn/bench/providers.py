@@ -7,6 +7,11 @@ the zero-argument function it returns is what gets timed. Every provider uses th
 1/sqrt(D) and no mask (trifast needs a mask tensor: it gets an all-False one, meaning no key is masked).
 
 A provider that cannot run here raises :class:`Unsupported` from ``load`` (missing package, no CUDA).
+
+Two providers are not triangle attention: ``flex_plain`` and ``sdpa_cudnn_plain`` run plain attention over
+the same B·L·H sequences of L keys with **no bias** (the same scores and products, none of the bias's
+bytes, additions or gradient). They are reference ceilings for the latency specs, what the fastest kernels
+on the GPU take for less work; a spec cannot ask them for errors (``spec.BIAS_FREE``).
 """
 
 from __future__ import annotations
@@ -95,6 +100,26 @@ class Sdpa(AttentionProvider):
 _COMPILED_FLEX = None
 
 
+def _load_compiled_flex():
+    """``torch.compile(flex_attention)``, compiled once per process (shared by flex and flex_plain)."""
+    global _COMPILED_FLEX
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
+    except ImportError as e:
+        raise Unsupported(f"flex_attention not available in torch {torch.__version__}: {e}") from e
+    if _COMPILED_FLEX is None:
+        from torch._dynamo import config  # noqa: PLC0415
+
+        # Every new (L, dtype, grad mode, score_mod) recompiles; keep them all instead of falling back to eager.
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(config, knob):
+                setattr(config, knob, max(getattr(config, knob), 512))
+        # dynamic=False: a shape-generic kernel (what automatic dynamic shapes gives after the first
+        # recompile) ran 8x slower on the H100; every L gets its own static kernel, as users would.
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
 class Flex(AttentionProvider):
     """``torch.compile(flex_attention)``, rows folded into the batch, score_mod adds bias[b // L, h, q, k]."""
 
@@ -104,21 +129,7 @@ class Flex(AttentionProvider):
 
     def load(self, device):
         super().load(device)
-        global _COMPILED_FLEX
-        try:
-            from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
-        except ImportError as e:
-            raise Unsupported(f"flex_attention not available in torch {torch.__version__}: {e}") from e
-        if _COMPILED_FLEX is None:
-            from torch._dynamo import config  # noqa: PLC0415
-
-            # Every new (L, dtype, grad mode) recompiles; keep them all instead of falling back to eager.
-            for knob in ("cache_size_limit", "recompile_limit"):
-                if hasattr(config, knob):
-                    setattr(config, knob, max(getattr(config, knob), 512))
-            # dynamic=False: a shape-generic kernel (what automatic dynamic shapes gives after the first
-            # recompile) ran 8x slower on the H100; every L gets its own static kernel, as users would.
-            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        _load_compiled_flex()
 
     def bind(self, q, k, v, bias):
         B, L, H, _, D = q.shape
@@ -130,6 +141,62 @@ class Flex(AttentionProvider):
         def run():
             flat = [t.view(B * L, H, L, D) for t in (q, k, v)]
             return fn(*flat, score_mod=score_mod).view(B, L, H, L, D)
+
+        return run
+
+
+class FlexPlain(AttentionProvider):
+    """Reference ceiling, not triangle attention: compiled flex with no score_mod (no bias), rows folded
+    into the batch as for flex. The bias is ignored, so it gets no gradient."""
+
+    name = "flex_plain"
+    layout = "rows"
+    cuda_only = True
+
+    def load(self, device):
+        super().load(device)
+        _load_compiled_flex()
+
+    def bind(self, q, k, v, bias):
+        B, L, H, _, D = q.shape
+        fn = _COMPILED_FLEX
+
+        def run():
+            flat = [t.view(B * L, H, L, D) for t in (q, k, v)]
+            return fn(*flat).view(B, L, H, L, D)
+
+        return run
+
+
+class SdpaCudnnPlain(AttentionProvider):
+    """Reference ceiling, not triangle attention: ``F.scaled_dot_product_attention`` forced onto cuDNN's
+    fused attention kernel, with no bias (cuDNN's SDPA takes no float attn_mask over these shapes in torch
+    2.11: "No available kernel"), rows folded into the batch. The bias is ignored."""
+
+    name = "sdpa_cudnn_plain"
+    layout = "rows"
+    cuda_only = True
+
+    def load(self, device):
+        super().load(device)
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+        except ImportError as e:
+            raise Unsupported(f"torch.nn.attention.sdpa_kernel not available in torch {torch.__version__}") from e
+        if not torch.backends.cudnn.is_available():
+            raise Unsupported("cuDNN is not available")
+        self._context = lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+
+    def bind(self, q, k, v, bias):
+        import torch.nn.functional as F  # noqa: PLC0415
+
+        B, L, H, _, D = q.shape
+        context = self._context
+
+        def run():
+            flat = [t.view(B * L, H, L, D) for t in (q, k, v)]
+            with context():
+                return F.scaled_dot_product_attention(*flat).view(B, L, H, L, D)
 
         return run
 
@@ -199,7 +266,7 @@ class BlockProvider:
         return self._cls(c_in, c_hidden, heads, starting=True)
 
 
-_ATTENTION = {p.name: p for p in (FlashTTAttn, Naive, Sdpa, Flex, Trifast, Cueq)}
+_ATTENTION = {p.name: p for p in (FlashTTAttn, Naive, Sdpa, Flex, Trifast, Cueq, FlexPlain, SdpaCudnnPlain)}
 _BLOCK = {"flash_tt_attn": "TriangleAttention", "naive": "TriangleAttentionReference"}
 
 

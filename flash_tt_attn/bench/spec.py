@@ -5,7 +5,7 @@ A spec is declarative; everything a run or a figure needs is in it::
     id: seed-fwd                      # must equal the file's stem; names the log file
     description: ...
     op: attention                     # or triangle_block (the whole AF2 TriangleAttention module)
-    providers: [flash_tt_attn, naive, sdpa, flex, trifast, cueq]
+    providers: [flash_tt_attn, naive, sdpa, flex, trifast, cueq]   # and flex_plain, sdpa_cudnn_plain (no bias)
     metrics: [latency, memory]        # or [error] (relative error against an fp64 reference)
     timing: {warmup_ms: 25, rep_ms: 100}
     sweeps:                           # one or more blocks; each is the cross product of its axes
@@ -31,9 +31,11 @@ from pathlib import Path
 
 OPS = ("attention", "triangle_block")
 PROVIDERS = {
-    "attention": ("flash_tt_attn", "naive", "sdpa", "flex", "trifast", "cueq"),
+    "attention": ("flash_tt_attn", "naive", "sdpa", "flex", "trifast", "cueq", "flex_plain", "sdpa_cudnn_plain"),
     "triangle_block": ("flash_tt_attn", "naive"),
 }
+#: Reference ceilings that run plain attention with no bias (providers.py): latency and memory only.
+BIAS_FREE = ("flex_plain", "sdpa_cudnn_plain")
 METRICS = ("latency", "memory", "error")
 DTYPES = ("float16", "bfloat16", "float32")
 MODES = ("fwd", "fwd_bwd")
@@ -230,6 +232,9 @@ def parse_spec(data, path: str) -> Spec:
         c.fail("metrics", "'error' is measured on its own: use [error] or a subset of [latency, memory]")
     if "error" in metrics and op != "attention":
         c.fail("metrics", "'error' is only defined for op: attention")
+    if "error" in metrics and set(providers) & set(BIAS_FREE):
+        c.fail("providers", f"{sorted(set(providers) & set(BIAS_FREE))} run without the bias (reference ceilings "
+               "for latency and memory): their errors against the biased reference would mean nothing")
     timing = c.mapping(data.get("timing", {}), "timing", _TIMING_FIELDS)
     warmup_ms = c.number(timing.get("warmup_ms", DEFAULT_WARMUP_MS), "timing.warmup_ms")
     rep_ms = c.number(timing.get("rep_ms", DEFAULT_REP_MS), "timing.rep_ms")
