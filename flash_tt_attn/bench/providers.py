@@ -131,12 +131,17 @@ class Flex(AttentionProvider):
         super().load(device)
         _load_compiled_flex()
 
+    def score_mod(self, bias, L):
+        """The score_mod flex gets: adds the bias of the query's row i's batch item."""
+        def add_bias(score, b, h, q_idx, kv_idx):
+            return score + bias[b // L, h, q_idx, kv_idx]
+
+        return add_bias
+
     def bind(self, q, k, v, bias):
         B, L, H, _, D = q.shape
         fn = _COMPILED_FLEX
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score + bias[b // L, h, q_idx, kv_idx]
+        score_mod = self.score_mod(bias, L)
 
         def run():
             flat = [t.view(B * L, H, L, D) for t in (q, k, v)]
@@ -145,33 +150,20 @@ class Flex(AttentionProvider):
         return run
 
 
-class FlexPlain(AttentionProvider):
+class FlexPlain(Flex):
     """Reference ceiling, not triangle attention: compiled flex with no score_mod (no bias), rows folded
     into the batch as for flex. The bias is ignored, so it gets no gradient."""
 
     name = "flex_plain"
-    layout = "rows"
-    cuda_only = True
 
-    def load(self, device):
-        super().load(device)
-        _load_compiled_flex()
-
-    def bind(self, q, k, v, bias):
-        B, L, H, _, D = q.shape
-        fn = _COMPILED_FLEX
-
-        def run():
-            flat = [t.view(B * L, H, L, D) for t in (q, k, v)]
-            return fn(*flat).view(B, L, H, L, D)
-
-        return run
+    def score_mod(self, bias, L):
+        return None
 
 
 class SdpaCudnnPlain(AttentionProvider):
     """Reference ceiling, not triangle attention: ``F.scaled_dot_product_attention`` forced onto cuDNN's
-    fused attention kernel, with no bias (cuDNN's SDPA takes no float attn_mask over these shapes in torch
-    2.11: "No available kernel"), rows folded into the batch. The bias is ignored."""
+    fused attention kernel, with no bias (in torch 2.11 it has no kernel for the bias as a float attn_mask
+    broadcast over the rows, probe 52: "No available kernel"), rows folded into the batch. The bias is ignored."""
 
     name = "sdpa_cudnn_plain"
     layout = "rows"
