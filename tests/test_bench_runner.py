@@ -197,3 +197,26 @@ def test_bias_free_ceilings_are_plain_attention_over_the_folded_rows(monkeypatch
         native = [providers.to_layout(t, provider.layout).contiguous() for t in (q, k, v)]
         out = providers.from_layout(provider.bind(*native, bias)(), provider.layout)
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10, msg=cls.name)
+
+
+@pytest.mark.gpu
+def test_bias_free_ceilings_on_the_gpu():
+    """On CUDA, compiled flex with no score_mod and SDPA on cuDNN's kernel compute plain attention (the
+    reference with a zero bias) over the folded rows, in fp16."""
+    import torch
+
+    from flash_tt_attn.reference import attention_reference
+
+    torch.manual_seed(0)
+    B, H, L, D = 2, 2, 64, 32
+    q, k, v = (torch.randn(B, H, L, L, D, device="cuda", dtype=torch.float16) for _ in range(3))
+    bias = torch.randn(B, H, L, L, device="cuda", dtype=torch.float16)
+    expected = attention_reference(q.double(), k.double(), v.double(), torch.zeros_like(bias, dtype=torch.float64))
+    for cls in (providers.FlexPlain, providers.SdpaCudnnPlain):
+        provider = cls()
+        provider.load(torch.device("cuda"))
+        native = [providers.to_layout(t, provider.layout).contiguous() for t in (q, k, v)]
+        with torch.no_grad():
+            out = providers.from_layout(provider.bind(*native, bias)(), provider.layout).double()
+        rel = ((out - expected).norm() / expected.norm()).item()
+        assert rel < 2e-3, (cls.name, rel)
