@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .logs import newest, read_rows
-from .spec import all_spec_paths, load_spec, matches, row_key
+from .spec import METRIC_FIELDS, all_spec_paths, load_spec, matches, row_key
 
 
 def _rel(path, start) -> str:
@@ -23,7 +23,8 @@ def _rel(path, start) -> str:
 def _config_text(df) -> str:
     r = df.iloc[0]
     c_in = f" c_in={r['c_in']}" if "c_in" in df.columns else ""
-    return f"B={r['B']} H={r['H']} D={r['D']}{c_in} {r['dtype']} {r['mode']}"
+    node = f" {r['node']} node" if "node" in df.columns else ""  # rows from before the node axis: none
+    return f"B={r['B']} H={r['H']} D={r['D']}{c_in}{node} {r['dtype']} {r['mode']}"
 
 
 def build(specs_dir="experiments", logs_dir="experiments/logs", out_dir="paper_figures") -> list[Path]:
@@ -58,8 +59,8 @@ def build(specs_dir="experiments", logs_dir="experiments/logs", out_dir="paper_f
             source = _rel(log, out_dir / slug)
             for fig in spec.figures:
                 df = tables.sorted_frame(rows, spec, fig.where)
-                col = "ms" if fig.metric == "latency" else "peak_mem_mb"
-                if not df[col].notna().any():
+                col = figures.column(fig.metric)
+                if col not in df.columns or not df[col].notna().any():
                     print(f"flash_tt_attn.bench: {log}: no {fig.metric} values for {fig.file}; skipped",
                           file=sys.stderr)
                     continue
@@ -70,12 +71,20 @@ def build(specs_dir="experiments", logs_dir="experiments/logs", out_dir="paper_f
                 written.append(path)
                 index.append((slug, gpu, path, f"figure ({fig.metric} vs L)", spec, log))
             for tab in spec.tables:
-                if not [r for r in rows if matches(r, tab.where)]:
+                chosen = [r for r in rows if matches(r, tab.where)]
+                if not chosen:
                     continue
-                title = f"{spec.id}: {tab.kind} ({gpu})"
+                if tab.kind != "errors" and not any(METRIC_FIELDS[tab.metric][0] in r for r in chosen):
+                    # rows measured before the spec asked for this metric (latency rows always hold ms)
+                    print(f"flash_tt_attn.bench: {log}: no {tab.metric} fields for {tab.file}; skipped",
+                          file=sys.stderr)
+                    continue
+                title = f"{spec.id}: {tab.kind} ({gpu})" if tab.metric == "latency" else \
+                    f"{spec.id}: {tab.kind} of {tab.metric} ({gpu})"
                 paths = tables.write_table(rows, spec, tab, out_dir / slug / tab.file, title, source)
                 written += paths
-                index += [(slug, gpu, p, f"table ({tab.kind})", spec, log) for p in paths]
+                what = f"table ({tab.kind})" if tab.metric == "latency" else f"table ({tab.kind}, {tab.metric})"
+                index += [(slug, gpu, p, what, spec, log) for p in paths]
     readme = out_dir / "README.md"
     out_dir.mkdir(parents=True, exist_ok=True)
     readme.write_text(_index_text(index, specs, out_dir, slugs, logs_dir), encoding="utf-8", newline="\n")

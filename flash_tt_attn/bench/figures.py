@@ -1,4 +1,4 @@
-"""Latency / memory vs L figures, one line per provider, with deterministic PNG bytes.
+"""Latency / memory / host-time / CUDA-graph vs L figures, one line per provider, with deterministic PNG bytes.
 
 Determinism: the Agg backend, one fixed style (rcParams below, DejaVu Sans shipped with matplotlib),
 fixed size and dpi, fixed colours and markers per provider, inputs sorted, and PNG metadata without
@@ -21,7 +21,16 @@ RC = {
 }
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _LABELS = {"latency": ("ms", "latency (ms, median; bars p20–p80)"),
-           "memory": ("peak_mem_mb", "peak memory (MB = 2^20 bytes)")}
+           "memory": ("peak_mem_mb", "peak memory (MB = 2^20 bytes)"),
+           "host": ("host_ms", "host time per call, back-to-back (ms, median; bars p20–p80)"),
+           "graph": ("graph_ms", "CUDA graph replay (ms, median; bars p20–p80)")}
+#: Metrics drawn with p20–p80 bars (their rows hold ``<column>_p20`` and ``<column>_p80``).
+_QUANTILED = ("latency", "host", "graph")
+
+
+def column(metric: str) -> str:
+    """The row field a figure of ``metric`` plots."""
+    return _LABELS[metric][0]
 
 
 def _style():
@@ -33,11 +42,16 @@ def _style():
     return colors, markers
 
 
-def _not_measured(df) -> str:
+def _not_measured(df, metric: str) -> str:
     notes = []
     for (prov, status), g in df[df.status != "ok"].groupby(["provider", "status"], sort=True):
         ls = ", ".join(str(x) for x in sorted(g.L.unique()))
         notes.append(f"{prov}: {status} at L={ls}")
+    if metric == "graph" and "graph_error" in df.columns:
+        failed = df[(df.status == "ok") & df.graph_error.notna()]
+        for prov, g in failed.groupby("provider", sort=True):
+            ls = ", ".join(str(x) for x in sorted(g.L.unique()))
+            notes.append(f"{prov}: no graph at L={ls}")
     return "; ".join(notes)
 
 
@@ -62,11 +76,12 @@ def plot(df, spec: Spec, fig: FigureOut, title: str, path) -> None:
             sns.lineplot(data=ok, x="L", y=col, hue="provider", hue_order=providers, style="provider",
                          style_order=providers, palette=colors, markers=markers, dashes=dashes, errorbar=None,
                          ax=ax)
-        if fig.metric == "latency":
+        if fig.metric in _QUANTILED:
             for p in providers:
                 g = ok[ok.provider == p].sort_values("L")
-                ax.errorbar(g.L, g.ms, yerr=[g.ms - g.ms_p20, g.ms_p80 - g.ms], fmt="none", ecolor=colors[p],
-                            capsize=2, linewidth=0.8)
+                mid, lo, hi = g[col], g[f"{col}_p20"], g[f"{col}_p80"]
+                ax.errorbar(g.L, mid, yerr=[mid - lo, hi - mid], fmt="none", ecolor=colors[p], capsize=2,
+                            linewidth=0.8)
         ls = sorted(df.L.unique())
         ax.set_xscale("log", base=2)
         ax.set_xticks(ls, [str(x) for x in ls])
@@ -76,7 +91,7 @@ def plot(df, spec: Spec, fig: FigureOut, title: str, path) -> None:
         ax.set_xlabel("L (pair representation is L × L)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        note = _not_measured(df)
+        note = _not_measured(df, fig.metric)
         if note:
             f.text(0.01, 0.01, "not measured: " + note, fontsize=7, ha="left", va="bottom", wrap=True)
         f.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))

@@ -10,6 +10,24 @@ timed region). On CPU: the same quantiles from ``time.perf_counter`` (for tests;
 Peak memory on CUDA (MB = 2**20 bytes, as in the anchors): ``max_memory_allocated`` during one call
 minus ``memory_allocated`` just before it, inputs (and dO) already allocated, gradients cleared, so
 the output, the saved activations and the gradients count. ``None`` on CPU.
+
+Host time (:func:`host_time`, the ``host`` metric): what a caller's thread spends in each call when
+calls follow each other with no synchronisation between them, as in a training loop. After a few
+unsynchronised warm-up calls and one synchronisation, each of up to :data:`HOST_CALLS` back-to-back
+calls is timed with ``perf_counter`` (gradients set to None between them, outside the timed region);
+median, p20 and p80 over the calls, in ms. One synchronisation follows the loop; ``host_wall_ms`` is the
+loop's wall time including it, per call. While the host runs ahead of the GPU, ``host_ms`` is the
+launch overhead alone; once the GPU's queue fills, calls wait for it, so a GPU-bound call's p80 (and
+``host_wall_ms``) approaches its GPU time. The same on CPU, where it is the call's whole time.
+
+CUDA graph (:func:`graph_time`, the ``graph`` metric): the call runs three times on a side stream
+(warm-up, as ``torch.cuda.graph`` requires), the gradients are set to None, and one call (forward, or
+forward and backward together) is captured on that stream into a ``torch.cuda.CUDAGraph``. Before
+timing, the graph's outputs (the forward's output, or every gradient the backward writes) are filled
+with NaN, the graph is replayed once, and the outputs must then match the eager call's to 1% (relative
+norm): proof that a replay does the call's work. Replays are timed by ``do_bench`` as ``latency``.
+A capture or check that fails gives ``graph_error`` (the row keeps its other metrics); off CUDA the
+graph fields are ``None`` and ``graph_error`` too (nothing was tried).
 """
 
 from __future__ import annotations
@@ -24,6 +42,15 @@ from .spec import Point
 
 QUANTILES = (0.5, 0.2, 0.8)
 MB = 2**20
+#: Back-to-back calls the host metric times at most (it stops earlier, after at least HOST_MIN_CALLS,
+#: once rep_ms of wall time has passed), and the unsynchronised warm-up calls before them.
+HOST_CALLS = 50
+HOST_MIN_CALLS = 10
+HOST_WARMUP_CALLS = 3
+#: Eager calls on the capture stream before a graph is captured.
+GRAPH_WARMUP_CALLS = 3
+#: Largest relative norm ||replayed - eager|| / ||eager|| a replay's outputs may have.
+GRAPH_CHECK_RTOL = 1e-2
 
 
 def _make_attention(point: Point, provider, device):
@@ -47,7 +74,8 @@ def _make_block(point: Point, provider, device):
     dtype = getattr(torch, point.dtype)
     needs_grad = point.mode == "fwd_bwd"
     torch.manual_seed(0)
-    module = provider.build(point.c_in, point.D, point.H).to(device=device, dtype=dtype)
+    starting = point.node != "ending"  # None (rows and points from before the node axis) is the starting node
+    module = provider.build(point.c_in, point.D, point.H, starting=starting).to(device=device, dtype=dtype)
     x = torch.randn(point.B, point.L, point.L, point.c_in, device=device, dtype=dtype).requires_grad_(needs_grad)
     leaves = [x, *module.parameters()]
     d_out = torch.randn_like(x) if needs_grad else None
@@ -79,6 +107,11 @@ def _clear_grads(leaves):
         t.grad = None
 
 
+def _quantiles(times) -> tuple[float, float, float]:
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
+    return tuple(float(x) for x in q)
+
+
 def time_call(call: Callable, leaves: list, device, warmup_ms: float, rep_ms: float) -> tuple[float, float, float]:
     """Median, p20 and p80 of the call's time in ms."""
     if device.type == "cuda":
@@ -100,8 +133,103 @@ def time_call(call: Callable, leaves: list, device, warmup_ms: float, rep_ms: fl
     times = []
     while len(times) < 5 or (sum(times) < rep_ms and len(times) < 1000):
         times.append(once())
-    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
-    return tuple(float(x) for x in q)
+    return _quantiles(times)
+
+
+def host_time(call: Callable, leaves: list, device, rep_ms: float) -> dict:
+    """The ``host`` metric (module docstring): per-call host time over back-to-back calls, in ms."""
+    for _ in range(HOST_WARMUP_CALLS):
+        _clear_grads(leaves)
+        call()
+    _clear_grads(leaves)
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < HOST_CALLS and (len(times) < HOST_MIN_CALLS or (time.perf_counter() - start) * 1e3 < rep_ms):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+        _clear_grads(leaves)  # outside the timed call, as do_bench's grad_to_none
+    _sync(device)
+    wall = (time.perf_counter() - start) * 1e3
+    med, p20, p80 = _quantiles(times)
+    return {"host_ms": med, "host_ms_p20": p20, "host_ms_p80": p80, "host_wall_ms": wall / len(times),
+            "host_calls": len(times)}
+
+
+def _rel_diff(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.detach().double(), ref.detach().double()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def check_replay(replay: Callable, outs: list, refs: list, sync: Callable = lambda: None) -> str | None:
+    """Fill ``outs`` (the tensors a replay writes) with NaN, ``replay()`` once, and compare them with the
+    eager call's ``refs``; return None when they match to :data:`GRAPH_CHECK_RTOL`, else what is wrong."""
+    if not outs:
+        return "replay check: the captured call writes no output to check"
+    for t in outs:
+        t.detach().fill_(float("nan"))
+    replay()
+    sync()
+    for i, (t, ref) in enumerate(zip(outs, refs, strict=True)):
+        if not bool(torch.isfinite(t).all()):
+            return f"replay check: output {i} not (fully) written by the replay"
+        rel = _rel_diff(t, ref)
+        if not rel <= GRAPH_CHECK_RTOL:
+            return f"replay check: output {i} differs from the eager call's (relative norm {rel:.3g})"
+    return None
+
+
+def _written(out, leaves) -> list:
+    """What one call writes: its output (forward; the call returns it), or the gradients (forward+backward)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t.grad for t in leaves if t.grad is not None]
+
+
+def graph_time(call: Callable, leaves: list, device, warmup_ms: float, rep_ms: float) -> dict:
+    """The ``graph`` metric (module docstring): capture one call in a CUDA graph, check a replay, time replays."""
+    out = dict.fromkeys(("graph_ms", "graph_ms_p20", "graph_ms_p80", "graph_error"))
+    if device.type != "cuda":
+        return out
+    import triton.testing  # noqa: PLC0415
+
+    graph = static = None
+    caller = torch.cuda.current_stream(device)
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(caller)
+        with torch.cuda.stream(stream):
+            for _ in range(GRAPH_WARMUP_CALLS):
+                _clear_grads(leaves)
+                eager = call()
+        caller.wait_stream(stream)
+        _sync(device)
+        refs = [t.detach().clone() for t in _written(eager, leaves)]
+        del eager
+        _clear_grads(leaves)  # the captured backward then allocates the gradients: replays overwrite them
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            static = call()
+        problem = check_replay(graph.replay, _written(static, leaves), refs, lambda: _sync(device))
+        if problem is not None:
+            out["graph_error"] = problem
+        else:
+            ms = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))
+            out["graph_ms"], out["graph_ms_p20"], out["graph_ms_p80"] = (float(x) for x in ms)
+    except Exception as e:  # noqa: BLE001 (a provider that cannot be captured keeps its other metrics)
+        text = f"{type(e).__name__}: {e}".strip()
+        out.update(dict.fromkeys(("graph_ms", "graph_ms_p20", "graph_ms_p80")),
+                   graph_error=text if len(text) <= 2000 else text[:2000] + " [...]")
+    finally:
+        torch.cuda.set_stream(caller)  # torch.cuda.graph leaves its stream current when capture_end raises
+        del graph, static
+        _clear_grads(leaves)
+    try:
+        _sync(device)
+    except Exception as e:  # noqa: BLE001 (the device may be unusable now; the metrics taken before stand)
+        out["graph_error"] = f"{out['graph_error'] or 'after the capture'}; then {type(e).__name__}: {e}"[:2000]
+    return out
 
 
 def peak_memory_mb(call: Callable, leaves: list, device) -> float | None:
@@ -134,6 +262,10 @@ def measure(point: Point, metrics, device, warmup_ms: float, rep_ms: float) -> d
         out["peak_mem_mb"] = peak_memory_mb(call, leaves, device)
     if "latency" in metrics:
         out["ms"], out["ms_p20"], out["ms_p80"] = time_call(call, leaves, device, warmup_ms, rep_ms)
+    if "host" in metrics:
+        out.update(host_time(call, leaves, device, rep_ms))
+    if "graph" in metrics:  # last: a failed capture must not disturb the other metrics
+        out.update(graph_time(call, leaves, device, warmup_ms, rep_ms))
     return out
 
 

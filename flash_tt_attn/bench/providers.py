@@ -253,9 +253,10 @@ class BlockProvider:
         if self._cls is None:
             raise Unsupported(f"flash_tt_attn.modules has no {self.class_name}")
 
-    def build(self, c_in: int, c_hidden: int, heads: int) -> torch.nn.Module:
-        """A fresh module ``(c_in, c_hidden, no_heads, starting=True)``; seed torch first for equal weights."""
-        return self._cls(c_in, c_hidden, heads, starting=True)
+    def build(self, c_in: int, c_hidden: int, heads: int, starting: bool = True) -> torch.nn.Module:
+        """A fresh module ``(c_in, c_hidden, no_heads, starting)`` (``starting=False``: the ending node's
+        block, Algorithm 14); seed torch first for equal weights."""
+        return self._cls(c_in, c_hidden, heads, starting=starting)
 
 
 _ATTENTION = {p.name: p for p in (FlashTTAttn, Naive, Sdpa, Flex, Trifast, Cueq, FlexPlain, SdpaCudnnPlain)}

@@ -1,9 +1,11 @@
 """The ``run`` command: measure every point of the given specs that the log does not hold yet.
 
 Resume rule: a point is done when its log holds a row with the same key (:data:`spec.KEY_FIELDS`)
-and status ``ok``, ``oom`` or ``unsupported``. Points whose rows say ``error`` are measured again on
-every run (errors are usually bugs that get fixed; the newest row wins in the figures). ``--force``
-measures every point again (new rows are appended; nothing is ever deleted but a torn last line).
+and status ``ok``, ``oom`` or ``unsupported``, and an ``ok`` row holds the fields of every metric the
+spec asks for (a metric added to a spec measures its points again; the newest row wins). Points whose
+rows say ``error`` are measured again on every run (errors are usually bugs that get fixed; the newest
+row wins in the figures). ``--force`` measures every point again (new rows are appended; nothing is
+ever deleted but a torn last line).
 
 Each point ends as one row: ``ok``; ``oom`` (``torch.cuda.OutOfMemoryError``: memory is freed and the
 sweep goes on); ``unsupported`` (provider missing here, e.g. trifast not installed or no CUDA);
@@ -23,7 +25,7 @@ from .env import environment, gpu_slug, timestamp
 from .logs import append_row, read_rows, repair_tail
 from .measure import measure
 from .providers import Unsupported
-from .spec import Point, Spec, load_spec, resolve_spec, row_key
+from .spec import METRIC_FIELDS, Point, Spec, load_spec, resolve_spec, row_key
 
 DONE_STATUSES = ("ok", "oom", "unsupported")
 _MEASURED = ("ms", "ms_p20", "ms_p80", "peak_mem_mb")
@@ -55,11 +57,16 @@ def _free(device: torch.device, collect: bool) -> None:
 
 def measure_row(spec: Spec, point: Point, device: torch.device, env: dict) -> dict:
     """Measure one point and return its complete log row (never raises for a provider's failure)."""
-    row = {**{k: v for k, v in point.fields().items() if k not in ("op", "c_in")},
+    row = {**{k: v for k, v in point.fields().items() if k not in ("op", "c_in", "node")},
            "status": "ok", **dict.fromkeys(_MEASURED), **env, "timestamp": None,
            "op": point.op, "device": device.type}
     if point.c_in is not None:
         row["c_in"] = point.c_in
+    if point.node is not None:
+        row["node"] = point.node
+    for m in ("host", "graph"):  # the newer metrics' fields only in rows of specs that ask for them
+        if m in spec.metrics:
+            row.update(dict.fromkeys(METRIC_FIELDS[m]))
     status, error, values = "ok", None, {}
     try:
         values = measure(point, spec.metrics, device, spec.warmup_ms, spec.rep_ms)
@@ -89,9 +96,17 @@ def _progress(items, desc: str):
     return tqdm(items, desc=desc, unit="pt", file=sys.stderr, dynamic_ncols=True)
 
 
+def is_done(row: dict, spec: Spec) -> bool:
+    """Whether ``row`` settles its point for ``spec`` (the module docstring's resume rule)."""
+    status = row.get("status")
+    if status not in DONE_STATUSES:
+        return False
+    return status != "ok" or all(METRIC_FIELDS[m][0] in row for m in spec.metrics)
+
+
 def todo_points(spec: Spec, path: Path, force: bool = False) -> tuple[list[Point], list[Point]]:
     """(todo, done): the spec's points split by whether ``path`` already holds a done row for them."""
-    done_keys = {row_key(r) for r in read_rows(path) if r.get("status") in DONE_STATUSES}
+    done_keys = {row_key(r) for r in read_rows(path) if is_done(r, spec)}
     pts = spec.points()
     if force:
         return pts, []

@@ -6,7 +6,7 @@ A spec is declarative; everything a run or a figure needs is in it::
     description: ...
     op: attention                     # or triangle_block (the whole AF2 TriangleAttention module)
     providers: [flash_tt_attn, naive, sdpa, flex, trifast, cueq]   # and flex_plain, sdpa_cudnn_plain (no bias)
-    metrics: [latency, memory]        # or [error] (relative error against an fp64 reference)
+    metrics: [latency, memory]        # and host, graph; or [error] (relative error against an fp64 reference)
     timing: {warmup_ms: 25, rep_ms: 100}
     sweeps:                           # one or more blocks; each is the cross product of its axes
       - {B: [4], H: [8], D: [32], L: [32, 64], dtype: [float16], mode: [fwd]}
@@ -15,9 +15,24 @@ A spec is declarative; everything a run or a figure needs is in it::
         - {file: fused-attention-batch4-head8-d32-fwd-latency.png, metric: latency, where: {mode: fwd}}
       tables:                         # writes <file>.csv (tidy) and <file>.md (readable)
         - {file: seed-fwd, kind: results}        # kinds: results | speedup | errors
+        - {file: seed-fwd-graph-speedup, kind: speedup, metric: graph}   # metric: latency (default) | host | graph
 
-For ``op: triangle_block`` a sweep also has ``c_in`` (input channels); ``H`` is the number of heads
-and ``D`` the per-head hidden size (AlphaFold's ``c_hidden``).
+Metrics (:data:`METRIC_FIELDS` lists the row fields each one writes; measure.py says how):
+
+* ``latency``: the eager call, ``triton.testing.do_bench`` median / p20 / p80 in ms (``ms``, ``ms_p20``, ``ms_p80``).
+* ``memory``: peak memory of one call above the inputs, MB (``peak_mem_mb``).
+* ``host``: the host's time per call over back-to-back calls with no synchronisation between them
+  (``host_ms``, ``host_ms_p20``, ``host_ms_p80``; ``host_wall_ms``: the loop's wall time, final sync
+  included, per call; ``host_calls``).
+* ``graph``: the call captured once in a CUDA graph and replayed, timed as ``latency`` (``graph_ms``,
+  ``graph_ms_p20``, ``graph_ms_p80``); a provider that cannot be captured keeps its other metrics and
+  says why in ``graph_error``. Off CUDA the four fields are null.
+* ``error``: relative errors against fp64 (``err_o``, ``err_dq``, ...); measured on its own.
+
+For ``op: triangle_block`` a sweep also has ``c_in`` (input channels) and may have ``node``
+(``starting`` or ``ending``: which AlphaFold block, Algorithm 13 or 14; default ``starting``); ``H`` is
+the number of heads and ``D`` the per-head hidden size (AlphaFold's ``c_hidden``). Log rows written
+before ``node`` existed lack it and count as ``starting``.
 
 Any unknown field, wrong type or empty list raises :class:`SpecError` naming the file and the field.
 """
@@ -36,25 +51,41 @@ PROVIDERS = {
 }
 #: Reference ceilings that run plain attention with no bias (providers.py): latency and memory only.
 BIAS_FREE = ("flex_plain", "sdpa_cudnn_plain")
-METRICS = ("latency", "memory", "error")
+METRICS = ("latency", "memory", "host", "graph", "error")
+#: The row fields each metric writes (a row of a spec asking for the metric holds them all, null when not
+#: measured); the first is its value (what tables and figures show), and for the timed ones
+#: ``<value>_p20`` / ``<value>_p80`` are its quantiles.
+METRIC_FIELDS = {
+    "latency": ("ms", "ms_p20", "ms_p80"),
+    "memory": ("peak_mem_mb",),
+    "host": ("host_ms", "host_ms_p20", "host_ms_p80", "host_wall_ms", "host_calls"),
+    "graph": ("graph_ms", "graph_ms_p20", "graph_ms_p80", "graph_error"),
+    "error": ("err_o", "err_dq", "err_dk", "err_dv", "err_dbias"),
+}
+#: Metrics a table (``results``, ``speedup``) or a figure can show.
+TABLE_METRICS = ("latency", "host", "graph")
+FIGURE_METRICS = ("latency", "memory", "host", "graph")
+NODES = ("starting", "ending")
 DTYPES = ("float16", "bfloat16", "float32")
 MODES = ("fwd", "fwd_bwd")
 INT_AXES = ("B", "H", "D", "L", "c_in")
+#: Axes only the block op has, with the value a row without the field counts as.
+BLOCK_DEFAULTS = {"node": "starting"}
 TABLE_KINDS = ("results", "speedup", "errors")
 DEFAULT_WARMUP_MS = 25.0
 DEFAULT_REP_MS = 100.0
 
 #: The fields that identify a measured point (a log row with the same values measures the same thing).
-KEY_FIELDS = ("spec", "op", "provider", "B", "H", "L", "D", "dtype", "mode", "c_in")
+KEY_FIELDS = ("spec", "op", "provider", "B", "H", "L", "D", "dtype", "mode", "c_in", "node")
 #: The fields a point shares with the other points of one figure line (all but L and provider).
-CONFIG_FIELDS = ("op", "B", "H", "D", "c_in", "dtype", "mode")
+CONFIG_FIELDS = ("op", "B", "H", "D", "c_in", "node", "dtype", "mode")
 
 _TOP_FIELDS = {"id", "description", "op", "providers", "metrics", "timing", "sweeps", "outputs"}
-_SWEEP_FIELDS = {"B", "H", "D", "L", "c_in", "dtype", "mode"}
+_SWEEP_FIELDS = {"B", "H", "D", "L", "c_in", "node", "dtype", "mode"}
 _TIMING_FIELDS = {"warmup_ms", "rep_ms"}
 _OUTPUT_FIELDS = {"figures", "tables"}
 _FIGURE_FIELDS = {"file", "metric", "where"}
-_TABLE_FIELDS = {"file", "kind", "where", "target", "baselines"}
+_TABLE_FIELDS = {"file", "kind", "metric", "where", "target", "baselines"}
 
 
 class SpecError(ValueError):
@@ -75,28 +106,38 @@ class Point:
     dtype: str
     mode: str
     c_in: int | None = None
+    node: str | None = None
 
     def key(self) -> tuple:
         """The resume key, equal to :func:`row_key` of the row that measures this point."""
         return tuple(getattr(self, f) for f in KEY_FIELDS)
 
     def fields(self) -> dict:
-        """The point's fields as they go into a log row (``c_in`` only for the block op)."""
-        d = {f: getattr(self, f) for f in KEY_FIELDS}
-        if d["c_in"] is None:
-            del d["c_in"]
-        return d
+        """The point's fields as they go into a log row (``c_in`` and ``node`` only for the block op)."""
+        return {f: getattr(self, f) for f in KEY_FIELDS if f not in ("c_in", "node") or getattr(self, f) is not None}
 
     def label(self) -> str:
         """A short human-readable name, e.g. ``naive B4-H8-L64-D32-float16-fwd``."""
         extra = f"-C{self.c_in}" if self.c_in is not None else ""
+        extra += f"-{self.node}" if self.node is not None else ""
         return f"{self.provider} B{self.B}-H{self.H}-L{self.L}-D{self.D}{extra}-{self.dtype}-{self.mode}"
 
 
+def field_value(values: dict, name: str):
+    """``values[name]`` (a row's or a point's field), or what a row without it counts as: rows written
+    before ``op`` existed are ``attention``, block rows written before ``node`` existed ``starting``."""
+    if name in values:
+        return values[name]
+    if name == "op":
+        return "attention"
+    if values.get("op") == "triangle_block":
+        return BLOCK_DEFAULTS.get(name)
+    return None
+
+
 def row_key(row: dict) -> tuple:
-    """The resume key of a log row (rows written before ``op`` existed count as ``attention``)."""
-    defaults = {"op": "attention", "c_in": None}
-    return tuple(row.get(f, defaults.get(f)) for f in KEY_FIELDS)
+    """The resume key of a log row (missing fields as :func:`field_value` reads them)."""
+    return tuple(field_value(row, f) for f in KEY_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -117,6 +158,7 @@ class TableOut:
     where: dict = field(default_factory=dict)
     target: str = "flash_tt_attn"
     baselines: tuple = ()
+    metric: str = "latency"
 
 
 @dataclass(frozen=True)
@@ -136,12 +178,16 @@ class Spec:
     path: str
 
     def points(self) -> list[Point]:
-        """Every point of every sweep, in run order (sweep, dtype, mode, B, H, D, c_in, L, provider), no repeats."""
+        """Every point of every sweep, in run order (sweep, dtype, mode, B, H, D, c_in, node, L, provider),
+        no repeats."""
         seen, out = set(), []
+        block = self.op == "triangle_block"
         for sw in self.sweeps:
-            axes = [sw["dtype"], sw["mode"], sw["B"], sw["H"], sw["D"], sw.get("c_in", [None]), sw["L"], self.providers]
-            for dtype, mode, B, H, D, c_in, L, prov in itertools.product(*axes):
-                p = Point(self.id, self.op, prov, B, H, L, D, dtype, mode, c_in)
+            nodes = sw.get("node", [BLOCK_DEFAULTS["node"]] if block else [None])
+            axes = [sw["dtype"], sw["mode"], sw["B"], sw["H"], sw["D"], sw.get("c_in", [None]), nodes, sw["L"],
+                    self.providers]
+            for dtype, mode, B, H, D, c_in, node, L, prov in itertools.product(*axes):
+                p = Point(self.id, self.op, prov, B, H, L, D, dtype, mode, c_in, node)
                 if p.key() not in seen:
                     seen.add(p.key())
                     out.append(p)
@@ -149,10 +195,11 @@ class Spec:
 
 
 def matches(values: dict, where: dict) -> bool:
-    """True when ``values`` (a point's or row's fields) satisfies every ``where`` condition (scalar or list)."""
+    """True when ``values`` (a point's or row's fields) satisfies every ``where`` condition (scalar or list);
+    a field a row lacks counts as :func:`field_value` reads it."""
     for k, want in where.items():
         allowed = want if isinstance(want, list) else [want]
-        if values.get(k) not in allowed:
+        if field_value(values, k) not in allowed:
             return False
     return True
 
@@ -228,8 +275,10 @@ def parse_spec(data, path: str) -> Spec:
     op = c.string(data.get("op", "attention"), "op", OPS)
     providers = c.str_list(data["providers"], "providers", PROVIDERS[op])
     metrics = c.str_list(data["metrics"], "metrics", METRICS)
+    if len(set(metrics)) != len(metrics):
+        c.fail("metrics", f"a metric is named twice: {metrics}")
     if "error" in metrics and len(metrics) > 1:
-        c.fail("metrics", "'error' is measured on its own: use [error] or a subset of [latency, memory]")
+        c.fail("metrics", "'error' is measured on its own: use [error] or a subset of [latency, memory, host, graph]")
     if "error" in metrics and op != "attention":
         c.fail("metrics", "'error' is only defined for op: attention")
     if "error" in metrics and set(providers) & set(BIAS_FREE):
@@ -244,11 +293,14 @@ def parse_spec(data, path: str) -> Spec:
     for i, sw in enumerate(c.nonempty_list(data["sweeps"], "sweeps")):
         name = f"sweeps[{i}]"
         c.mapping(sw, name, _SWEEP_FIELDS, required)
-        if op == "attention" and "c_in" in sw:
-            c.fail(f"{name}.c_in", "only for op: triangle_block")
+        for ax in ("c_in", "node"):
+            if op == "attention" and ax in sw:
+                c.fail(f"{name}.{ax}", "only for op: triangle_block")
         clean = {ax: c.int_list(sw[ax], f"{name}.{ax}") for ax in INT_AXES if ax in sw}
         clean["dtype"] = c.str_list(sw["dtype"], f"{name}.dtype", DTYPES)
         clean["mode"] = c.str_list(sw["mode"], f"{name}.mode", MODES)
+        if "node" in sw:
+            clean["node"] = c.str_list(sw["node"], f"{name}.node", NODES)
         sweeps.append(clean)
 
     spec = Spec(spec_id, description, op, tuple(providers), tuple(metrics), warmup_ms, rep_ms, tuple(sweeps),
@@ -270,7 +322,7 @@ def _parse_figures(c: _Checker, spec: Spec, items) -> list[FigureOut]:
         file = c.string(fig["file"], f"{name}.file")
         if not file.endswith(".png") or "/" in file:
             c.fail(f"{name}.file", f"expected a plain file name ending in .png, got {file!r}")
-        metric = c.string(fig["metric"], f"{name}.metric", [m for m in ("latency", "memory") if m in spec.metrics])
+        metric = c.string(fig["metric"], f"{name}.metric", [m for m in FIGURE_METRICS if m in spec.metrics])
         where = _check_where(c, fig.get("where", {}), f"{name}.where")
         chosen = [p for p in points if matches(p.fields(), where)]
         configs = {tuple(getattr(p, f) for f in CONFIG_FIELDS) for p in chosen}
@@ -294,8 +346,14 @@ def _parse_tables(c: _Checker, spec: Spec, items) -> list[TableOut]:
         kind = c.string(tab["kind"], f"{name}.kind", TABLE_KINDS)
         if kind == "errors" and "error" not in spec.metrics:
             c.fail(f"{name}.kind", "an errors table needs metrics: [error]")
-        if kind in ("results", "speedup") and "latency" not in spec.metrics:
-            c.fail(f"{name}.kind", f"a {kind} table needs the latency metric")
+        metric = "latency"
+        if kind == "errors" and "metric" in tab:
+            c.fail(f"{name}.metric", "only for kinds results and speedup (an errors table shows the errors)")
+        if kind in ("results", "speedup"):
+            metric = c.string(tab.get("metric", "latency"), f"{name}.metric", TABLE_METRICS)
+            if metric not in spec.metrics:
+                c.fail(f"{name}.metric" if "metric" in tab else f"{name}.kind",
+                       f"a {kind} table of {metric} needs the {metric} metric in metrics")
         where = _check_where(c, tab.get("where", {}), f"{name}.where")
         target = c.string(tab.get("target", "flash_tt_attn"), f"{name}.target", spec.providers)
         baselines = []
@@ -304,7 +362,7 @@ def _parse_tables(c: _Checker, spec: Spec, items) -> list[TableOut]:
             baselines = c.str_list(tab.get("baselines", default), f"{name}.baselines", spec.providers)
         elif "baselines" in tab:
             c.fail(f"{name}.baselines", "only for kind: speedup")
-        out.append(TableOut(file, kind, where, target, tuple(baselines)))
+        out.append(TableOut(file, kind, where, target, tuple(baselines), metric))
     return out
 
 

@@ -2,20 +2,29 @@
 
 Kinds (``outputs.tables[].kind`` in a spec):
 
-* ``results``: latency median in ms (and peak memory in MB when measured) per point and provider.
-* ``speedup``: the target provider's latency against each baseline's: speedup = baseline ms / target ms.
+* ``results``: latency median in ms (and peak memory in MB when measured) per point and provider;
+  with ``metric: host`` or ``metric: graph`` the host time per call or the CUDA-graph replay median.
+* ``speedup``: the target provider's time against each baseline's: speedup = baseline ms / target ms,
+  for the table's ``metric`` (latency by default; host, graph).
 * ``errors``: relative error of o, dq, dk, dv, dbias against the fp64 reference, per provider and dtype.
+
+Columns come from the rows: a metric's fields (host, graph) and the block's ``node`` appear only when some
+row of the table holds them, so logs written before they existed give the same bytes as before. A row
+that is ``ok`` but whose graph could not be captured shows ``no graph`` in graph tables.
 
 Formatting is fixed (no locale, no dates), so the same rows always give the same bytes.
 """
 
 from __future__ import annotations
 
-from .spec import DTYPES, MODES, Spec, TableOut, matches
+from .spec import BLOCK_DEFAULTS, DTYPES, METRIC_FIELDS, MODES, NODES, Spec, TableOut, matches
 
-_CONFIG = ("B", "H", "D", "c_in", "dtype", "mode")
-_ERRORS = ("err_o", "err_dq", "err_dk", "err_dv", "err_dbias")
+_CONFIG = ("B", "H", "D", "c_in", "node", "dtype", "mode")
+_ERRORS = METRIC_FIELDS["error"]
 _NOT_OK = {"oom": "oom", "unsupported": "n/a", "error": "error"}
+#: What a table's metric shows (the Markdown caption's words).
+_WHAT = {"latency": "latency median", "host": "host time per call (back-to-back calls), median",
+         "graph": "CUDA-graph replay median"}
 
 
 def fmt_ms(x) -> str:
@@ -44,17 +53,25 @@ def sorted_frame(rows: list[dict], spec: Spec, where: dict):
     """The rows matching ``where`` as a DataFrame in a fixed order (config, L, provider as in the spec)."""
     import pandas as pd  # noqa: PLC0415
 
-    cols = ["provider", *_CONFIG, "L", "status", "ms", "ms_p20", "ms_p80", "peak_mem_mb", *_ERRORS, "error",
-            "gpu", "git_sha", "dirty", "timestamp"]
-    df = pd.DataFrame([r for r in rows if matches(r, where)], columns=cols)
+    chosen = [r for r in rows if matches(r, where)]
+    held = {k for r in chosen for k in r}
+    newer = [f for m in ("host", "graph") for f in METRIC_FIELDS[m] if f in held]
+    cols = ["provider", *_CONFIG, "L", "status", "ms", "ms_p20", "ms_p80", "peak_mem_mb", *newer, *_ERRORS,
+            "error", "gpu", "git_sha", "dirty", "timestamp"]
+    df = pd.DataFrame(chosen, columns=cols)
     if spec.op != "triangle_block":
         df = df.drop(columns="c_in")
+    if spec.op != "triangle_block" or "node" not in held:
+        df = df.drop(columns="node")
+    else:  # rows from before the node axis lack it
+        df["node"] = df["node"].fillna(BLOCK_DEFAULTS["node"])
     order = {
         "provider": {p: i for i, p in enumerate(spec.providers)},
         "dtype": {d: i for i, d in enumerate(DTYPES)},
         "mode": {m: i for i, m in enumerate(MODES)},
+        "node": {n: i for i, n in enumerate(NODES)},
     }
-    keys = [c for c in ("dtype", "mode", "B", "H", "D", "c_in", "L", "provider") if c in df.columns]
+    keys = [c for c in ("dtype", "mode", "B", "H", "D", "c_in", "node", "L", "provider") if c in df.columns]
     df = df.sort_values(keys, key=lambda s: s.map(order[s.name]) if s.name in order else s, kind="stable")
     return df.reset_index(drop=True)
 
@@ -72,24 +89,47 @@ def _varying(df) -> tuple[list[str], str]:
     return varying, ", ".join(const)
 
 
-def _cell(r, memory: bool) -> str:
+def _value(r, metric: str):
+    """The row's value of ``metric`` (ms), or None when it has none."""
+    x = getattr(r, METRIC_FIELDS[metric][0], None)
+    return None if r.status != "ok" or _missing(x) else x
+
+
+def _shown(r, metric: str) -> str:
+    """The Markdown text of a row's ``metric``: its value, or why there is none."""
+    if r is None:
+        return "–"
     if r.status != "ok":
         return _NOT_OK.get(r.status, str(r.status))
+    x = _value(r, metric)
+    if x is None and metric == "graph" and not _missing(getattr(r, "graph_error", None)):
+        return "no graph"
+    return fmt_ms(x)
+
+
+def _cell(r, memory: bool, metric: str = "latency") -> str:
+    if r.status != "ok" or metric != "latency":
+        return _shown(r, metric)
     return f"{fmt_ms(r.ms)} / {fmt_mb(r.peak_mem_mb)}" if memory else fmt_ms(r.ms)
 
 
-def results(df, spec: Spec):
+def results(df, spec: Spec, metric: str = "latency"):
     """(tidy frame, Markdown body) of a ``results`` table: providers as columns, points as rows."""
-    memory = "memory" in spec.metrics
+    memory = "memory" in spec.metrics and metric == "latency"
     varying, caption = _varying(df)
     keys = [*varying, "L"]
     body = []
     for vals, g in df.groupby(keys, sort=False):
-        by_prov = {r.provider: _cell(r, memory) for r in g.itertuples()}
+        by_prov = {r.provider: _cell(r, memory, metric) for r in g.itertuples()}
         body.append([str(v) for v in vals] + [by_prov.get(p, "–") for p in spec.providers])
-    what = "latency median, ms / peak memory, MB (2^20 bytes)" if memory else "latency median, ms"
+    what = "latency median, ms / peak memory, MB (2^20 bytes)" if memory else f"{_WHAT[metric]}, ms"
     text = f"{_lead(caption)}{what}.\n\n" + markdown_table(keys + list(spec.providers), body)
-    tidy = df.drop(columns=[c for c in _ERRORS if c in df.columns])
+    if metric == "latency":
+        tidy = df.drop(columns=[c for c in _ERRORS if c in df.columns])
+    else:  # the point, the metric's own fields and the provenance
+        ident = [c for c in ("provider", *_CONFIG, "L", "status") if c in df.columns]
+        own = [c for c in METRIC_FIELDS[metric] if c in df.columns]
+        tidy = df[[*ident, *own, "error", "gpu", "git_sha", "dirty", "timestamp"]]
     return tidy, text
 
 
@@ -97,27 +137,28 @@ def speedup(df, spec: Spec, table: TableOut):
     """(tidy frame, Markdown body) of a ``speedup`` table: baseline ms / target ms per point."""
     import pandas as pd  # noqa: PLC0415
 
+    metric = table.metric
+    field = METRIC_FIELDS[metric][0]  # ms, host_ms, graph_ms: the tidy columns are <provider>_<field>
     varying, caption = _varying(df)
     keys = [c for c in _CONFIG if c in df.columns] + ["L"]
     tidy_rows, body = [], []
     for vals, g in df.groupby(keys, sort=False, dropna=False):
         by_prov = {r.provider: r for r in g.itertuples()}
-        ms = {p: r.ms for p, r in by_prov.items() if r.status == "ok" and not _missing(r.ms)}
-        shown = {p: fmt_ms(ms[p]) if p in ms else _NOT_OK.get(getattr(by_prov.get(p), "status", None), "–")
-                 for p in (table.target, *table.baselines)}
+        ms = {p: _value(r, metric) for p, r in by_prov.items() if _value(r, metric) is not None}
+        shown = {p: _shown(by_prov.get(p), metric) for p in (table.target, *table.baselines)}
         rec = dict(zip(keys, vals, strict=True))
-        rec[f"{table.target}_ms"] = ms.get(table.target)
+        rec[f"{table.target}_{field}"] = ms.get(table.target)
         line = [str(rec[k]) for k in [*varying, "L"]] + [shown[table.target]]
         for b in table.baselines:
             sp = ms[b] / ms[table.target] if b in ms and table.target in ms else None
-            rec[f"{b}_ms"], rec[f"speedup_vs_{b}"] = ms.get(b), sp
+            rec[f"{b}_{field}"], rec[f"speedup_vs_{b}"] = ms.get(b), sp
             line += [shown[b], "–" if sp is None else f"{sp:.2f}×"]
         tidy_rows.append(rec)
         body.append(line)
     header = [*varying, "L", f"{table.target} ms"]
     for b in table.baselines:
         header += [f"{b} ms", f"vs {b}"]
-    text = f"{_lead(caption)}latency median in ms, speedup = baseline ms / {table.target} ms.\n\n"
+    text = f"{_lead(caption)}{_WHAT[metric]} in ms, speedup = baseline ms / {table.target} ms.\n\n"
     return pd.DataFrame(tidy_rows), text + markdown_table(header, body)
 
 
@@ -146,7 +187,7 @@ def write_table(rows: list[dict], spec: Spec, table: TableOut, out_stem, title: 
 
     df = sorted_frame(rows, spec, table.where)
     if table.kind == "results":
-        tidy, body = results(df, spec)
+        tidy, body = results(df, spec, table.metric)
     elif table.kind == "speedup":
         tidy, body = speedup(df, spec, table)
     else:
