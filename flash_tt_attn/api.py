@@ -88,14 +88,36 @@ def _uses_triton(device: torch.device, dtype: torch.dtype) -> bool:
         return dtype != torch.float64
     if not env_flag("TRITON_INTERPRET"):
         return False
-    from . import ops  # noqa: PLC0415 (keeps the CPU-only import light)
+    try:
+        from . import ops  # noqa: PLC0415 (keeps the CPU-only import light)
+    except ModuleNotFoundError as error:
+        if error.name != "numpy":
+            raise
+        raise ModuleNotFoundError(
+            "TRITON_INTERPRET=1 runs the kernels under Triton's interpreter, which needs numpy, and numpy is not "
+            "installed: pip install numpy (a dependency of flash-tt-attn), or unset TRITON_INTERPRET to run the "
+            "PyTorch path on CPU", name="numpy") from error
 
     return ops.KERNELS_INTERPRETED
+
+
+def _interpreted_bf16(device: torch.device, dtype: torch.dtype) -> bool:
+    """True when a call would run bfloat16 kernels under Triton's interpreter.
+
+    The interpreter's ``tl.dot`` multiplies bf16 operands' bit patterns as integers
+    (triton-lang/triton#11584), so every output element would come out wrong, silently.
+    :func:`run_attention` runs such calls on float32 copies and rounds the output to bfloat16.
+    """
+    return device.type == "cpu" and dtype == torch.bfloat16 and _uses_triton(device, dtype)
 
 
 def run_attention(q, k, v, bias, scale: float, mask) -> torch.Tensor:
     """The computation behind :func:`attention` (inputs already checked, scale resolved), also for
     row shards (q of shape (B, H, R, L, D)): picks the path and names the shapes on out-of-memory."""
+    if _interpreted_bf16(q.device, q.dtype):
+        # fp32 kernels, a bf16 result; gradients flow back through the casts and come out in bf16.
+        out = run_attention(q.float(), k.float(), v.float(), bias.float(), scale, mask)
+        return out.to(q.dtype)
     try:
         if _uses_triton(q.device, q.dtype):
             from .ops import attention_fwd  # noqa: PLC0415
@@ -149,7 +171,9 @@ def attention(
     Triton's interpreter when ``TRITON_INTERPRET=1`` is set and was set before
     ``flash_tt_attn.ops`` (the kernels) was first imported;
     otherwise they run :func:`flash_tt_attn.reference.attention_chunked`, pure PyTorch
-    in chunks of rows (same results, fp32 math, O(L²) memory per row chunk).
+    in chunks of rows (same results, fp32 math, O(L²) memory per row chunk). bfloat16
+    under the interpreter runs the kernels in float32 and rounds the output to bfloat16
+    (the interpreter's bf16 ``tl.dot`` is wrong).
 
     Example::
 
