@@ -2,9 +2,10 @@
 
 tests, lint, docker_lint, cff and lock build their own virtualenvs (tests: CPU torch 2.13.0).
 gpu_tests, gradcheck, bench and figures see the system's site-packages, so they reuse the
-torch/triton already installed on a GPU machine (or in docker/Dockerfile's image); the GPU ones
-install only this package, without dependencies. figures needs no GPU: without a torch it
-installs the CPU build.
+torch/triton already installed on a GPU machine (or in docker/Dockerfile's image); on a GPU they
+install only this package, without dependencies. Without a GPU, gpu_tests and bench (unless given
+`--device cpu` or `--dry-run`) stop at once with one line saying so; gradcheck, bench on the CPU and
+figures install what they need (the CPU build of torch when there is no torch) and run.
 """
 
 from __future__ import annotations
@@ -70,14 +71,34 @@ def _install_self(session: nox.Session, *extras: str, deps: bool = True) -> None
     session.install(*args)
 
 
+# Prints one word: "cuda" (torch sees a GPU), "cpu" (a torch without a GPU, or neither torch nor nvidia-smi),
+# or "no-torch" (nvidia-smi but no torch). Runs without torch in the environment.
+_CUDA_PROBE = """
+import importlib.util, shutil
+if importlib.util.find_spec("torch") is None:
+    print("no-torch" if shutil.which("nvidia-smi") else "cpu")
+else:
+    import torch
+    print("cuda" if torch.cuda.is_available() else "cpu")
+"""
+
+
+def _has_cuda(session: nox.Session) -> bool:
+    """Whether the session's python sees a CUDA GPU through torch; stops the session, with one line, when the
+    machine has an NVIDIA driver but no torch to reuse."""
+    found = str(session.run("python", "-c", _CUDA_PROBE, silent=True, log=False)).strip().split()[-1]
+    if found == "no-torch":
+        session.error("this session needs the machine's own CUDA build of torch >= 2.11 (none is installed): "
+                      "install it first, see README.md")
+    return found == "cuda"
+
+
 def _require_cuda(session: nox.Session) -> None:
-    session.run(
-        "python",
-        "-c",
-        "import sys, torch; ok = torch.cuda.is_available(); "
-        "print('GPU:', torch.cuda.get_device_name() if ok else None, '| torch', torch.__version__); "
-        "sys.exit(0 if ok else 'this session needs a CUDA GPU (torch.cuda.is_available() is False)')",
-    )
+    """Stop the session at once, with one line, unless torch sees a CUDA GPU (works without torch installed)."""
+    if not _has_cuda(session):
+        session.error("this session needs a CUDA GPU; none was found on this machine")
+    session.run("python", "-c", "import torch; print('GPU:', torch.cuda.get_device_name(), '| torch', "
+                "torch.__version__)")
 
 
 @nox.session
@@ -100,18 +121,24 @@ def gpu_tests(session: nox.Session) -> None:
 @nox.session(**GPU_VENV)
 def gradcheck(session: nox.Session) -> None:
     """fp64 gradchecks of the kernels (pytest -m gradcheck): on the GPU if there is one, else the interpreter."""
-    _ensure_torch(session)
-    _install_self(session, deps=False)
-    session.run("pytest", "-m", "gradcheck", "-q", *session.posargs)
+    if _has_cuda(session):
+        _install_self(session, deps=False)
+    else:  # the CPU: the kernels under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+        _ensure_torch(session)
+        _install_self(session, "test")
+    session.run("python", "-m", "pytest", "-m", "gradcheck", "-q", *session.posargs)
 
 
 @nox.session(**GPU_VENV)
 def bench(session: nox.Session) -> None:
     """Benchmarks on this GPU: python -m flash_tt_attn.bench run [SPEC...] (logs in experiments/logs/<gpu>/)."""
     args = " ".join(session.posargs)
-    if not any(flag in args for flag in ("--device cpu", "--device=cpu", "--dry-run")):
-        _require_cuda(session)  # a CPU run only when asked for by name
-    _install_self(session, deps=False)
+    if any(flag in args for flag in ("--device cpu", "--device=cpu", "--dry-run")):  # a CPU run, asked for by name
+        _ensure_torch(session)
+        _install_self(session, "bench")
+    else:
+        _require_cuda(session)
+        _install_self(session, deps=False)
     session.run("python", "-m", "flash_tt_attn.bench", "run", *session.posargs)
 
 

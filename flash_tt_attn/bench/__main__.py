@@ -13,6 +13,11 @@ import sys
 
 from .spec import SpecError, all_spec_paths, load_spec, resolve_spec
 
+# The modules of the `bench` extra (pyproject.toml), by import name: without one, the command says so in one line.
+BENCH_EXTRA_MODULES = ("yaml", "pandas", "seaborn", "matplotlib", "tqdm")
+MISSING_EXTRA = ("error: python -m flash_tt_attn.bench needs the `bench` extra ({module} is not installed): "
+                 "pip install 'flash-tt-attn[bench]', or pip install '.[bench]' in a checkout")
+
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m flash_tt_attn.bench", description=__doc__.splitlines()[0])
@@ -57,6 +62,12 @@ def main(argv=None) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        module = (e.name or "").partition(".")[0]
+        if module not in BENCH_EXTRA_MODULES:
+            raise
+        print(MISSING_EXTRA.format(module=module), file=sys.stderr)
+        return 1
     return 0
 
 
