@@ -32,6 +32,11 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 TOL = {torch.float16: 4e-3, torch.float32: 1e-4, torch.float64: 1e-10}
 GRAD_NAMES = ("dq", "dk", "dv", "dbias")
 
+# Under Triton's interpreter (numpy), the backward's p = exp2(s - lse) overflows to inf in the padding lanes of a
+# tile (keys past L, scored 0) when a row's lse is thousands below 0 (huge negative biases or q·k); the kernels then
+# drop those lanes with tl.where. numpy warns, a GPU computes the same inf silently: expected there, so silenced.
+EXPECTED_EXP2_OVERFLOW = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -154,6 +159,7 @@ def test_huge_bias_one_hot(dtype, M):
     check_all(out, grads, ref_out, ref_grads, big_bias_tol(dtype, M))
 
 
+@EXPECTED_EXP2_OVERFLOW
 @pytest.mark.parametrize("dtype,M", BIG_BIAS)
 def test_huge_bias_random_signs_with_mask(dtype, M):
     """bias = ±M at random, and a mask that drops some keys (including some +M ones).
@@ -285,6 +291,7 @@ def naive_fp16_scores(q, k):
     return torch.einsum("bhijd,bhikd->bhijk", q.cpu(), k.cpu())  # fp16 in, fp16 out
 
 
+@EXPECTED_EXP2_OVERFLOW
 def test_qk_overflows_fp16_saturated():
     """fp16 q, k with entries ~300: |q·k| ~ 300²·4 ≈ 4e5 > 65504 (fp16 max).
 
