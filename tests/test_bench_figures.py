@@ -36,9 +36,23 @@ def fake_rows(spec, ts="2026-01-01T00:00:00.000000+00:00"):
                        **{f"err_{n}": 1e-4 * (i + 1) for i, n in enumerate(("o", "dq", "dk", "dv", "dbias"))})
         if p.provider == "naive" and p.L == biggest and "error" not in spec.metrics:
             row.update(status="oom", ms=None, ms_p20=None, ms_p80=None, peak_mem_mb=None, error="CUDA out of memory")
+        if "host" in spec.metrics:
+            host = 0.05 * scale[p.provider] + (0.5 if p.mode == "fwd_bwd" else 0.1)
+            row.update(host_ms=host, host_ms_p20=host * 0.95, host_ms_p80=host * 1.1, host_wall_ms=max(ms, host),
+                       host_calls=50)
+        if "graph" in spec.metrics:
+            graph = 0.9 * ms
+            row.update(graph_ms=graph, graph_ms_p20=graph * 0.99, graph_ms_p80=graph * 1.01, graph_error=None)
+            if p.provider == "cueq":  # ok row whose call could not be captured
+                row.update(graph_ms=None, graph_ms_p20=None, graph_ms_p80=None,
+                           graph_error="RuntimeError: operation not permitted when stream is capturing")
         if p.provider == "trifast":
             row.update(status="unsupported", ms=None, ms_p20=None, ms_p80=None, peak_mem_mb=None,
                        error="trifast not importable")
+            for k in ("host_ms", "host_ms_p20", "host_ms_p80", "host_wall_ms", "host_calls", "graph_ms",
+                      "graph_ms_p20", "graph_ms_p80"):
+                if k in row:
+                    row[k] = None
         rows.append(row)
     return rows
 
@@ -50,12 +64,16 @@ def workspace(tmp_path):
     shutil.copytree(EXPERIMENTS, specs, ignore=shutil.ignore_patterns("logs", "scripts"))
     logs = specs / "logs" / SLUG
     logs.mkdir(parents=True)
-    for spec_id in ("seed-fwd", "block", "correctness", "ceilings"):
+    for spec_id in ("seed-fwd", "block", "correctness", "ceilings", "training"):
         spec = load_spec(specs / f"{spec_id}.yaml")
         rows = fake_rows(spec)
         if spec_id == "seed-fwd":  # an older row for one point, which must lose to the newer one
             old = dict(rows[0], ms=999.0, timestamp="2025-01-01T00:00:00.000000+00:00")
             rows.append(old)
+        if spec_id == "block":  # the starting node's rows as written before the node axis and the new metrics
+            drop = {"node", "host_ms", "host_ms_p20", "host_ms_p80", "host_wall_ms", "host_calls", "graph_ms",
+                    "graph_ms_p20", "graph_ms_p80", "graph_error"}
+            rows = [{k: v for k, v in r.items() if k not in drop} if r["node"] == "starting" else r for r in rows]
         (logs / f"{spec_id}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return specs
 
@@ -86,6 +104,9 @@ def test_figures_are_byte_identical_and_indexed(workspace):
             assert f"]({name})" in readme, name
     assert "seed-fwd.jsonl" in readme and GPU in readme
     assert "`alphafold`" in readme  # listed as not measured yet
+    for m in ("latency", "graph", "host"):
+        assert f"{SLUG}/training-batch1-head4-d32-bf16-fwd_bwd-{m}.png" in a
+    assert "table (speedup, graph)" in readme
 
 
 def test_tables_use_the_newest_row_and_name_the_gpu(workspace):
@@ -97,3 +118,57 @@ def test_tables_use_the_newest_row_and_name_the_gpu(workspace):
     assert GPU in md and "| oom |" in md and "n/a" in md
     errors = (out / SLUG / "correctness.md").read_text()
     assert "1.00e-04" in errors and "float16" in errors
+
+
+def test_graph_and_host_tables(workspace):
+    out = workspace.parent / "out"
+    build(workspace, workspace / "logs", out)
+    md = (out / SLUG / "training-graph-speedup.md").read_text()
+    assert "CUDA-graph replay median in ms" in md
+    assert "| L | flash_tt_attn ms | flex ms | vs flex | cueq ms | vs cueq | trifast ms | vs trifast |" in md
+    assert "| no graph | – |" in md and "| n/a | – |" in md  # cueq: not captured; trifast: unsupported
+    assert "| 1.50× |" in md  # flex's graph time / ours (fabricated 1.5x as in eager)
+    host = (out / SLUG / "training-host-speedup.csv").read_text().splitlines()
+    assert host[0].startswith("B,H,D,dtype,mode,L,flash_tt_attn_host_ms,flex_host_ms,speedup_vs_flex,")
+    results = (out / SLUG / "training-graph.csv").read_text().splitlines()[0].split(",")
+    assert "graph_ms" in results and "graph_error" in results and "host_ms" not in results and "ms" not in results
+    eager = (out / SLUG / "training.md").read_text()
+    assert "latency median, ms / peak memory, MB" in eager
+    assert "host time per call" in (out / SLUG / "training-host.md").read_text()
+
+
+def test_block_rows_without_node_are_the_starting_node(workspace):
+    """Old block rows (no node field, no host/graph fields) are the starting node's; the ending node's
+    rows sit beside them and the tables gain a node column."""
+    out = workspace.parent / "out"
+    build(workspace, workspace / "logs", out)
+    md = (out / SLUG / "block.md").read_text()
+    assert "| mode | node | L | flash_tt_attn | naive |" in md
+    assert md.count("| starting |") == md.count("| ending |") == 10
+    assert (out / SLUG / "triangle-block-c128-head4-d32-bf16-fwd-latency.png").exists()
+    assert (out / SLUG / "triangle-block-ending-c128-head4-d32-bf16-fwd_bwd-graph.png").exists()
+    assert not (out / SLUG / "triangle-block-c128-head4-d32-bf16-fwd_bwd-graph.png").exists()  # no values
+    graph = (out / SLUG / "block-graph.md").read_text()
+    assert "| ending |" in graph and "| starting |" in graph
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_outputs_regenerate_byte_identically(tmp_path):
+    """paper_figures/<gpu>/ is a pure function of the committed logs and specs: regenerating it gives the
+    same files, byte for byte (rows from before the node axis and the host/graph metrics included).
+    Fails when a log or spec changed without `python -m flash_tt_attn.bench figures` being rerun."""
+    # built from a copy at the same depth, so that the relative links to logs and specs come out the same
+    specs = tmp_path / "experiments"
+    shutil.copytree(REPO / "experiments", specs, ignore=shutil.ignore_patterns("scripts", "tuning", "gpu-runs"))
+    out = tmp_path / "paper_figures"
+    build(specs, specs / "logs", out)
+    committed = REPO / "paper_figures"
+    for slug in sorted(p.name for p in (REPO / "experiments" / "logs").iterdir() if p.is_dir()):
+        if not (committed / slug).is_dir():
+            continue
+        want, got = snapshot(committed / slug), snapshot(out / slug)
+        assert sorted(got) == sorted(want), slug
+        changed = [name for name in want if want[name] != got[name]]
+        assert not changed, f"{slug}: regenerated outputs differ: {changed}"

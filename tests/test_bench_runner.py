@@ -12,7 +12,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from flash_tt_attn.bench import providers  # noqa: E402
+from flash_tt_attn.bench import measure, providers  # noqa: E402
 from flash_tt_attn.bench.logs import newest, read_rows  # noqa: E402
 from flash_tt_attn.bench.runner import run_specs  # noqa: E402
 from flash_tt_attn.bench.spec import load_spec, row_key  # noqa: E402
@@ -22,14 +22,18 @@ REQUIRED = ("spec", "provider", "B", "H", "L", "D", "dtype", "mode", "status", "
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_spec(tmp_path, spec_id="tiny", providers=("naive",), L=(4, 8), modes=("fwd",), rep_ms=2):
+def make_spec(tmp_path, spec_id="tiny", providers=("naive",), L=(4, 8), modes=("fwd",), rep_ms=2,
+              metrics=("latency", "memory"), **block):
     specs = tmp_path / "specs"
     specs.mkdir(exist_ok=True)
+    sweep = {"B": [1], "H": [2], "D": [16], "L": list(L), "dtype": ["float32"], "mode": list(modes)}
     data = {
         "id": spec_id, "description": "tiny CPU spec", "providers": list(providers),
-        "metrics": ["latency", "memory"], "timing": {"warmup_ms": 1, "rep_ms": rep_ms},
-        "sweeps": [{"B": [1], "H": [2], "D": [16], "L": list(L), "dtype": ["float32"], "mode": list(modes)}],
+        "metrics": list(metrics), "timing": {"warmup_ms": 1, "rep_ms": rep_ms},
+        "sweeps": [{**sweep, **block}],
     }
+    if block:
+        data["op"] = "triangle_block"
     (specs / f"{spec_id}.yaml").write_text(yaml.safe_dump(data))
     return specs, tmp_path / "logs"
 
@@ -62,6 +66,98 @@ def test_rows_follow_the_schema_and_rerun_resumes(tmp_path):
     assert run(specs, logs, "tiny") == 0  # everything done
     assert run(specs, logs, "tiny", force=True) == 4
     assert len(read_rows(log_of(logs))) == 8 and len(newest(read_rows(log_of(logs)))) == 4
+
+
+HOST_GRAPH = ("host_ms", "host_ms_p20", "host_ms_p80", "host_wall_ms", "host_calls", "graph_ms", "graph_ms_p20",
+              "graph_ms_p80", "graph_error")
+
+
+def test_host_and_graph_metrics_fill_their_fields_and_a_new_metric_measures_again(tmp_path):
+    specs, logs = make_spec(tmp_path, modes=("fwd", "fwd_bwd"), L=(4,))
+    assert run(specs, logs, "tiny") == 2
+    assert not set(HOST_GRAPH) & set(read_rows(log_of(logs))[0])  # a spec without them: no such fields
+    make_spec(tmp_path, modes=("fwd", "fwd_bwd"), L=(4,), metrics=("latency", "memory", "host", "graph"))
+    assert run(specs, logs, "tiny") == 2  # the old rows lack the host and graph fields
+    rows = newest(read_rows(log_of(logs)))
+    assert len(rows) == 2
+    for r in rows:
+        assert set(HOST_GRAPH) <= set(r) and r["status"] == "ok"
+        assert 0 < r["host_ms_p20"] <= r["host_ms"] <= r["host_ms_p80"] and r["host_wall_ms"] > 0
+        assert measure.HOST_MIN_CALLS <= r["host_calls"] <= measure.HOST_CALLS
+        assert all(r[k] is None for k in ("graph_ms", "graph_ms_p20", "graph_ms_p80", "graph_error"))  # CPU
+    assert run(specs, logs, "tiny") == 0
+
+
+def test_host_time_times_each_call_between_two_syncs(monkeypatch):
+    """host_ms is the time spent in the call (a call that sleeps 3 ms takes at least that), the leaves'
+    gradients are None when each call starts (reset outside the timed region), and the device is
+    synchronised exactly twice: before and after the loop, never between calls."""
+    import torch
+
+    leaf = torch.zeros(3, requires_grad=True)
+    starts, syncs = [], []
+
+    def call():
+        starts.append(leaf.grad is None)
+        time.sleep(0.003)
+        leaf.grad = torch.ones(3)
+
+    monkeypatch.setattr(measure, "_sync", lambda device: syncs.append(len(starts)))
+    out = measure.host_time(call, [leaf], torch.device("cpu"), rep_ms=1.0)
+    assert out["host_calls"] == measure.HOST_MIN_CALLS  # rep_ms passed: stops at the minimum
+    assert len(starts) == measure.HOST_WARMUP_CALLS + out["host_calls"] and all(starts)
+    assert syncs == [measure.HOST_WARMUP_CALLS, len(starts)]
+    assert 3.0 <= out["host_ms_p20"] <= out["host_ms"] <= out["host_ms_p80"] < 50
+    assert out["host_wall_ms"] >= out["host_ms_p20"]
+    assert leaf.grad is None
+    # a longer budget times more calls, up to HOST_CALLS
+    assert measure.host_time(lambda: None, [], torch.device("cpu"), rep_ms=1e6)["host_calls"] == measure.HOST_CALLS
+
+
+def test_graph_replay_check_rejects_a_replay_that_does_not_do_the_work():
+    """The check fills the captured outputs with NaN and replays once: a replay that writes nothing, or
+    something else than the eager call, is caught; on CPU no graph is tried at all."""
+    import torch
+
+    ref = torch.randn(4, 5)
+    out = torch.empty(4, 5)
+    assert "not (fully) written" in measure.check_replay(lambda: None, [out], [ref])
+    assert "differs" in measure.check_replay(lambda: out.copy_(2 * ref), [out], [ref])
+    assert measure.check_replay(lambda: out.copy_(ref), [out], [ref]) is None
+    assert torch.equal(out, ref)
+    assert "no output" in measure.check_replay(lambda: None, [], [])
+    nothing = measure.graph_time(lambda: ref, [], torch.device("cpu"), 1, 1)
+    assert nothing == dict.fromkeys(("graph_ms", "graph_ms_p20", "graph_ms_p80", "graph_error"))
+
+
+def test_block_ending_node_builds_the_ending_block(tmp_path, monkeypatch):
+    built = []
+    build = providers.BlockProvider.build
+
+    def spy(self, c_in, c_hidden, heads, starting=True):
+        module = build(self, c_in, c_hidden, heads, starting=starting)
+        built.append((self.name, starting, module.starting))
+        return module
+
+    monkeypatch.setattr(providers.BlockProvider, "build", spy)
+    specs, logs = make_spec(tmp_path, providers=("naive",), L=(4,), modes=("fwd_bwd",), c_in=[8],
+                            node=["starting", "ending"], metrics=("latency", "host", "graph"))
+    assert run(specs, logs, "tiny") == 2
+    rows = {r["node"]: r for r in read_rows(log_of(logs))}
+    assert set(rows) == {"starting", "ending"} and all(r["status"] == "ok" and r["c_in"] == 8 for r in rows.values())
+    assert sorted(built) == [("naive", False, False), ("naive", True, True)]
+    assert all(r["host_ms"] > 0 for r in rows.values())
+
+
+def test_dry_run_of_the_shipped_training_and_block_specs(tmp_path, capsys):
+    run_specs(["training", "block"], REPO / "experiments", tmp_path / "logs", device="cpu", dry_run=True)
+    out = capsys.readouterr().out
+    assert "# training -> " in out and "# block -> " in out
+    lines = [line for line in out.splitlines() if not line.startswith("#")]
+    assert sum(line.startswith("training\t") for line in lines) == 50
+    assert sum(line.startswith("block\t") for line in lines) == 40
+    assert sum("-ending-" in line for line in lines) == 20 and all(line.endswith("\ttodo") for line in lines)
+    assert not (tmp_path / "logs").exists()
 
 
 def test_dry_run_lists_points_and_measures_nothing(tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from flash_tt_attn.bench.spec import SpecError, all_spec_paths, load_spec, row_key  # noqa: E402
+from flash_tt_attn.bench.spec import SpecError, all_spec_paths, load_spec, matches, row_key  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -38,7 +38,7 @@ def test_shipped_specs_are_valid():
     paths = all_spec_paths(EXPERIMENTS)
     ids = {p.stem for p in paths}
     assert {"seed-fwd", "seed-fwd_bwd", "alphafold", "targets", "headdims", "long", "block", "correctness",
-            "smoke", "ceilings"} <= ids
+            "smoke", "ceilings", "training"} <= ids
     specs = {s.id: s for s in map(load_spec, paths)}
     assert {f.file for f in specs["seed-fwd"].figures} == {
         "fused-attention-batch4-head8-d32-fwd-latency.png", "fused-attention-batch4-head8-d32-fwd-memory.png"}
@@ -49,6 +49,41 @@ def test_shipped_specs_are_valid():
     assert set(specs["ceilings"].providers) >= {"flex_plain", "sdpa_cudnn_plain"}
     outputs = [o.file for s in specs.values() for o in (*s.figures, *s.tables)]
     assert len(outputs) == len(set(outputs)), "two specs claim one output"
+
+
+def test_training_spec_expands_to_its_fifty_points():
+    spec = load_spec(EXPERIMENTS / "training.yaml")
+    pts = spec.points()
+    assert len(pts) == 5 * 2 * 5  # L x mode x provider
+    assert {p.L for p in pts} == {128, 256, 384, 512, 768} and {p.mode for p in pts} == {"fwd", "fwd_bwd"}
+    assert {(p.B, p.H, p.D, p.dtype) for p in pts} == {(1, 4, 32, "bfloat16")}
+    assert spec.providers == ("flash_tt_attn", "flex", "cueq", "trifast", "sdpa")
+    assert set(spec.metrics) == {"latency", "host", "graph", "memory"}
+    speedups = {(t.metric, t.baselines) for t in spec.tables if t.kind == "speedup"}
+    assert {m for m, _ in speedups} == {"latency", "host", "graph"}
+    assert all({"flex", "cueq", "trifast"} <= set(b) for _, b in speedups)
+    assert {(f.metric, f.where["mode"]) for f in spec.figures} >= {
+        (m, mode) for m in ("latency", "graph") for mode in ("fwd", "fwd_bwd")}
+
+
+def test_block_spec_has_both_nodes_and_old_rows_count_as_starting():
+    spec = load_spec(EXPERIMENTS / "block.yaml")
+    pts = spec.points()
+    assert len(pts) == 5 * 2 * 2 * 2  # L x node x mode x provider
+    assert {p.node for p in pts} == {"starting", "ending"} and {256, 384} <= {p.L for p in pts}
+    assert {"host", "graph"} <= set(spec.metrics)
+    start = next(p for p in pts if p.node == "starting")
+    old_row = {k: v for k, v in start.fields().items() if k != "node"}  # written before the node axis
+    assert "node" in start.fields() and row_key(old_row) == start.key()
+    end = next(p for p in pts if p.node == "ending" and p.provider == start.provider and p.L == start.L
+               and p.mode == start.mode)
+    assert row_key(old_row) != end.key()
+    assert matches(old_row, {"node": "starting"}) and not matches(old_row, {"node": "ending"})
+    # every figure picks one node: the four that existed before the axis keep their names, for starting
+    starting_figs = {f.file for f in spec.figures if f.where.get("node") == "starting"}
+    assert {"triangle-block-c128-head4-d32-bf16-fwd-latency.png",
+            "triangle-block-c128-head4-d32-bf16-fwd_bwd-memory.png"} <= starting_figs
+    assert any(f.where.get("node") == "ending" for f in spec.figures)
 
 
 def test_points_expand_the_cross_product_and_match_row_keys(tmp_path):
@@ -83,6 +118,23 @@ def test_points_expand_the_cross_product_and_match_row_keys(tmp_path):
     pytest.param(changed(outputs={"plots": []}), "outputs.plots", id="unknown-output-field"),
     pytest.param(changed(providers=["flash_tt_attn", "flex_plain"], metrics=["error"], outputs={}), "providers",
                  id="bias-free-ceiling-has-no-errors"),
+    pytest.param(changed(metrics=["latency", "speed"]), "metrics[1]", id="unknown-metric"),
+    pytest.param(changed(metrics=["latency", "host", "latency"]), "metrics", id="metric-twice"),
+    pytest.param(changed(metrics=["error", "host"], outputs={}), "metrics", id="error-with-host"),
+    pytest.param(changed(outputs={"tables": [{"file": "x", "kind": "speedup", "metric": "graph"}]}),
+                 "outputs.tables[0].metric", id="graph-table-needs-graph-metric"),
+    pytest.param(changed(metrics=["latency", "graph"], outputs={"tables": [{"file": "x", "kind": "results",
+                                                                            "metric": "memory"}]}),
+                 "outputs.tables[0].metric", id="table-metric-not-a-time"),
+    pytest.param(changed(metrics=["error"], outputs={"tables": [{"file": "x", "kind": "errors", "metric": "host"}]}),
+                 "outputs.tables[0].metric", id="errors-table-has-no-metric"),
+    pytest.param(changed(outputs={"figures": [{"file": "x.png", "metric": "host", "where": {"mode": "fwd"}}]}),
+                 "outputs.figures[0].metric", id="host-figure-needs-host-metric"),
+    pytest.param(changed(sweeps=[{**GOOD["sweeps"][0], "node": ["ending"]}]), "sweeps[0].node",
+                 id="node-for-attention"),
+    pytest.param(changed(op="triangle_block", outputs={},
+                         sweeps=[{**GOOD["sweeps"][0], "c_in": [8], "node": ["middle"]}]), "sweeps[0].node[0]",
+                 id="unknown-node"),
 ])
 def test_invalid_spec_names_file_and_field(tmp_path, data, field):
     path = write(tmp_path, data)
@@ -91,6 +143,33 @@ def test_invalid_spec_names_file_and_field(tmp_path, data, field):
     msg = str(info.value)
     assert str(path) in msg
     assert f"field '{field}'" in msg
+
+
+def test_metrics_host_and_graph_are_accepted_with_their_tables_and_figures(tmp_path):
+    data = changed(metrics=["latency", "memory", "host", "graph"], outputs={
+        "figures": [{"file": f"t-{m}.png", "metric": m, "where": {"mode": "fwd_bwd"}}
+                    for m in ("latency", "memory", "host", "graph")],
+        "tables": [{"file": "t", "kind": "results"}, {"file": "t-graph", "kind": "results", "metric": "graph"},
+                   {"file": "t-host-speedup", "kind": "speedup", "metric": "host", "baselines": ["naive"]}]})
+    spec = load_spec(write(tmp_path, data))
+    assert spec.metrics == ("latency", "memory", "host", "graph")
+    assert [t.metric for t in spec.tables] == ["latency", "graph", "host"]
+    assert [f.metric for f in spec.figures] == ["latency", "memory", "host", "graph"]
+    # a spec measuring only the newer metrics needs no latency for their tables
+    only = changed(metrics=["graph"], outputs={"tables": [{"file": "g", "kind": "speedup", "metric": "graph"}]})
+    assert load_spec(write(tmp_path, only)).tables[0].metric == "graph"
+
+
+def test_block_node_axis_expands_and_labels(tmp_path):
+    data = changed(op="triangle_block", outputs={},
+                   sweeps=[{**GOOD["sweeps"][0], "c_in": [8], "node": ["starting", "ending"]}])
+    pts = load_spec(write(tmp_path, data)).points()
+    assert len(pts) == 2 * 2 * 2 * 2  # L x mode x provider x node
+    assert sum(p.node == "ending" for p in pts) == 8 and all("-ending-" in p.label() for p in pts
+                                                             if p.node == "ending")
+    no_axis = changed(op="triangle_block", outputs={}, sweeps=[{**GOOD["sweeps"][0], "c_in": [8]}])
+    assert {p.node for p in load_spec(write(tmp_path, no_axis)).points()} == {"starting"}
+    assert all("node" not in p.fields() for p in load_spec(write(tmp_path, GOOD)).points())  # attention: none
 
 
 def test_not_yaml_or_not_a_mapping(tmp_path):

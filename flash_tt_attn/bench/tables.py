@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from .spec import BLOCK_DEFAULTS, DTYPES, METRIC_FIELDS, MODES, NODES, Spec, TableOut, matches
 
-_CONFIG = ("B", "H", "D", "c_in", "node", "dtype", "mode")
+_CONFIG = ("B", "H", "D", "c_in", "dtype", "mode", "node")
 _ERRORS = METRIC_FIELDS["error"]
 _NOT_OK = {"oom": "oom", "unsupported": "n/a", "error": "error"}
 #: What a table's metric shows (the Markdown caption's words).
