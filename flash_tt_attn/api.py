@@ -120,9 +120,15 @@ def run_attention(q, k, v, bias, scale: float, mask) -> torch.Tensor:
         return out.to(q.dtype)
     try:
         if _uses_triton(q.device, q.dtype):
-            from .ops import attention_fwd  # noqa: PLC0415
+            from .ops import DirectAttention, attention_fwd, direct_call_allowed, forward_without_grad  # noqa: PLC0415
 
-            out, _ = attention_fwd(q, k, v, bias, mask, scale)
+            if direct_call_allowed(q, k, v, bias, mask):
+                if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                                     or bias.requires_grad)):
+                    return forward_without_grad(q, k, v, bias, mask, scale)
+                out, _ = DirectAttention.apply(q, k, v, bias, mask, scale)
+            else:
+                out, _ = attention_fwd(q, k, v, bias, mask, scale)
             return out
         return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)
     except torch.OutOfMemoryError as error:

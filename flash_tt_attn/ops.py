@@ -4,7 +4,8 @@ Two custom ops, ``flash_tt_attn::attention_fwd`` and ``flash_tt_attn::attention_
 are defined with :func:`torch.library.triton_op` and launch their kernels through
 :func:`torch.library.wrap_triton`, so ``torch.compile(fullgraph=True)`` can trace them and
 ``torch.library.opcheck`` can test them. The forward's autograd formula is registered
-with :func:`torch.library.register_autograd`.
+with :func:`torch.library.register_autograd`. Plain eager calls skip the custom-op dispatch:
+:class:`DirectAttention` calls the same launchers (:func:`launch_forward`, :func:`launch_backward`).
 
 No argument checking happens here: :mod:`flash_tt_attn.api` validates first.
 """
@@ -18,8 +19,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch._library.triton import is_wrap_triton_enabled
+from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ._compat import env_flag
 from .errors import out_of_memory
@@ -30,6 +32,7 @@ from .kernels.backward import (
     sum_row_splits_kernel,
 )
 from .kernels.forward import attention_fwd_kernel
+from .launch import FastLauncher
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,21 @@ def _row_offset_dtype(L: int, *tensors: torch.Tensor):
     return tl.int32 if span < 2**31 else tl.int64
 
 
+_LAUNCHERS = {kernel: FastLauncher(kernel) for kernel in (
+    attention_fwd_kernel, attention_bwd_dq_kernel, attention_bwd_dkdv_kernel, attention_bwd_dbias_kernel,
+    sum_row_splits_kernel)}
+
+
+def _launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, constants: dict) -> None:
+    """``kernel[grid](*tensors, *scalars, **constants)``: through wrap_triton while torch.compile traces the
+    launch, otherwise through the kernel's launch cache (flash_tt_attn/launch.py), which skips Triton's
+    per-launch binding of arguments it has already seen."""
+    if _launch_is_traced():
+        wrap_triton(kernel)[grid](*tensors, *scalars, **constants)
+    else:
+        _LAUNCHERS[kernel].launch(grid, tensors, scalars, constants)
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -318,12 +336,9 @@ def dbias_splits(B: int, H: int, R: int, L: int, head_dim: int, cfg: LaunchConfi
     return max(1, min(wanted, head_dim // 2, R))
 
 
-@triton_op("flash_tt_attn::attention_fwd", mutates_args=())
-def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-    mask: Optional[torch.Tensor], scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: returns the output (q's dtype) and the base-2 log-sum-exp (B, H, R, L), fp32.
+def launch_forward(q, k, v, bias, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel's launch, behind both :func:`attention_fwd` and :class:`DirectAttention`:
+    returns the output (q's dtype) and the base-2 log-sum-exp (B, H, R, L), fp32.
 
     q, k, v: (B, H, R, L, D) hold R rows i (R = L for the whole pair tensor, fewer for a
     shard of rows); bias (B, H, L, L); mask (B, R, L) or None.
@@ -338,19 +353,26 @@ def attention_fwd(
     if cfg.rows not in (1, 2, 4):
         raise ValueError(f"the forward kernel takes 1, 2 or 4 rows per program, not {cfg.rows}")
     grid = (cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H)
-    wrap_triton(attention_fwd_kernel)[grid](
-        q, k, v, bias, mask_t, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *bias.stride(), *mask_strides, *lse.stride(),
-        H, R, L, scale,
-        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), Q_PRESCALED=_q_prescaled(q.dtype, scale) and cfg.prescale,
-        ROWS=cfg.rows,
-        BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
-        ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
-        FAST_EXP2=_fast_exp2(q.dtype, q.device), ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
-        **_launch_options(cfg),
+    _launch(
+        attention_fwd_kernel, grid, (q, k, v, bias, mask_t, out, lse),
+        (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias.stride(), *mask_strides, *lse.stride(),
+         H, R, L, scale),
+        dict(HAS_MASK=has_mask, EVEN_L=_even(L, cfg), Q_PRESCALED=_q_prescaled(q.dtype, scale) and cfg.prescale,
+             ROWS=cfg.rows, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
+             ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
+             FAST_EXP2=_fast_exp2(q.dtype, q.device), ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
+             **_launch_options(cfg)),
     )
     return out, lse
+
+
+@triton_op("flash_tt_attn::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+    mask: Optional[torch.Tensor], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward as a custom op (:func:`launch_forward`): the output and the base-2 log-sum-exp, fp32."""
+    return launch_forward(q, k, v, bias, mask, scale)
 
 
 def _launch_dq(dout, q, k, v, bias, mask_args, out, lse, delta, scale, common) -> torch.Tensor:
@@ -361,13 +383,13 @@ def _launch_dq(dout, q, k, v, bias, mask_args, out, lse, delta, scale, common) -
     cfg = dq_config(L, D, q.dtype, q.device)
     if cfg.rows not in (1, 2):
         raise ValueError(f"the dq kernel takes 1 or 2 rows per program, not {cfg.rows}")
-    wrap_triton(attention_bwd_dq_kernel)[(cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H)](
-        q, k, v, bias, mask_t, out, dout, lse, delta, dq,
-        *q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
-        *bias.stride(), *mask_strides, *lse.stride(),
-        H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
-        SETTLE=_settle(q.dtype, q.device, cfg), **_prescaled(common, cfg), **_tile_args(L, cfg),
-        **_launch_options(cfg),
+    _launch(
+        attention_bwd_dq_kernel, (cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H),
+        (q, k, v, bias, mask_t, out, dout, lse, delta, dq),
+        (*q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
+         *bias.stride(), *mask_strides, *lse.stride(), H, R, L, scale),
+        dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v), SETTLE=_settle(q.dtype, q.device, cfg),
+             **_prescaled(common, cfg), **_tile_args(L, cfg), **_launch_options(cfg)),
     )
     return dq
 
@@ -389,21 +411,19 @@ def _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common, pla
     partial_dtype = bias.dtype if splits == 1 else lse.dtype
     partial = torch.empty((splits, B, H, L, L), dtype=partial_dtype, device=q.device)
     tiles = cdiv(L, cfg.block_j) * cdiv(L, cfg.block_k)
-    wrap_triton(attention_bwd_dbias_kernel)[(tiles, splits, B * H)](
-        q, k, v, bias, mask_t, dout, lse, delta, partial,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-        *bias.stride(), *mask_strides, *lse.stride(), *partial.stride(),
-        H, R, L, rows_per_split, scale, UNSCALED_SCORES=_dbias_unscaled_scores(scale),
-        **common, **_tile_args(L, cfg), **_launch_options(cfg),
+    _launch(
+        attention_bwd_dbias_kernel, (tiles, splits, B * H), (q, k, v, bias, mask_t, dout, lse, delta, partial),
+        (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bias.stride(), *mask_strides, *lse.stride(),
+         *partial.stride(), H, R, L, rows_per_split, scale),
+        dict(UNSCALED_SCORES=_dbias_unscaled_scores(scale), **common, **_tile_args(L, cfg), **_launch_options(cfg)),
     )
     if splits == 1:
         return partial[0]
     # Fixed-order reduction over the splits: deterministic, unlike float atomics.
     dbias = torch.empty((B, H, L, L), dtype=bias.dtype, device=q.device)
     n_elements = dbias.numel()
-    wrap_triton(sum_row_splits_kernel)[(cdiv(n_elements, SUM_BLOCK),)](
-        partial, dbias, n_elements, splits, ACC_DTYPE=_acc_dtype(q.dtype), BLOCK=SUM_BLOCK,
-    )
+    _launch(sum_row_splits_kernel, (cdiv(n_elements, SUM_BLOCK),), (partial, dbias), (n_elements, splits),
+            dict(ACC_DTYPE=_acc_dtype(q.dtype), BLOCK=SUM_BLOCK))
     return dbias
 
 
@@ -419,13 +439,13 @@ def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> t
     # The same bias values, strided key-major (a copy unless it already is, as for the ending node's
     # transposed view): this kernel's transposed tiles then load as contiguous vectors.
     bias_tiles = bias.mT.contiguous().mT if cfg.key_major_bias else bias
-    wrap_triton(attention_bwd_dkdv_kernel)[(cdiv(L, cfg.block_k), cdiv(R, cfg.rows), B * H)](
-        q, k, v, bias_tiles, mask_t, dout, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
-        *bias_tiles.stride(), *mask_strides, *lse.stride(),
-        H, R, L, scale, ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, q, dout),
-        SETTLE=_settle(q.dtype, q.device, cfg), **_prescaled(common, cfg), **_tile_args(L, cfg),
-        **_launch_options(cfg),
+    _launch(
+        attention_bwd_dkdv_kernel, (cdiv(L, cfg.block_k), cdiv(R, cfg.rows), B * H),
+        (q, k, v, bias_tiles, mask_t, dout, lse, delta, dk, dv),
+        (*q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
+         *bias_tiles.stride(), *mask_strides, *lse.stride(), H, R, L, scale),
+        dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, q, dout), SETTLE=_settle(q.dtype, q.device, cfg),
+             **_prescaled(common, cfg), **_tile_args(L, cfg), **_launch_options(cfg)),
     )
     return dk, dv
 
@@ -438,12 +458,9 @@ def backward_constants(q: torch.Tensor, mask_args, scale: float) -> dict:
                 FAST_EXP2=_fast_exp2(q.dtype, q.device))
 
 
-@triton_op("flash_tt_attn::attention_bwd", mutates_args=())
-def attention_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-    mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: returns dq, dk, dv (their inputs' dtypes) and dbias (bias's dtype), summed over the R rows.
+def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float) -> tuple[torch.Tensor, ...]:
+    """The backward kernels' launches, behind both :func:`attention_bwd` and :class:`DirectAttention`:
+    returns dq, dk, dv (their inputs' dtypes) and dbias (bias's dtype), summed over the R rows.
 
     Three kernels and no atomics (see kernels/backward.py). dq runs first (it also writes delta); the
     other two run in the order that keeps the peak memory lower: the bias gradient first when it needs
@@ -469,6 +486,15 @@ def attention_bwd(
     return dq, dk, dv, dbias
 
 
+@triton_op("flash_tt_attn::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+    mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward as a custom op (:func:`launch_backward`): dq, dk, dv and dbias."""
+    return launch_backward(dout, q, k, v, bias, mask, out, lse, scale)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, mask, scale = inputs
     out, lse = output
@@ -479,15 +505,71 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dlse):
+def _gradients(ctx, dout, backward) -> tuple:
+    """The gradients for q, k, v, bias, mask and scale, from ``backward`` (the op or its launcher)."""
     if dout is None:  # nothing downstream used the output (lse has no gradient: see _setup_context)
         return None, None, None, None, None, None
     q, k, v, bias, mask, out, lse = ctx.saved_tensors
     try:
-        dq, dk, dv, dbias = attention_bwd(dout, q, k, v, bias, mask, out, lse, ctx.scale)
+        dq, dk, dv, dbias = backward(dout, q, k, v, bias, mask, out, lse, ctx.scale)
     except torch.OutOfMemoryError as error:
         raise out_of_memory(error, "backward", q) from error
     return dq, dk, dv, dbias, None, None
 
 
+def _backward(ctx, dout, dlse):
+    return _gradients(ctx, dout, attention_bwd)
+
+
 torch.library.register_autograd("flash_tt_attn::attention_fwd", _backward, setup_context=_setup_context)
+
+
+# Plain eager calls launch through DirectAttention; False sends them through the custom op (tests compare both).
+DIRECT_EAGER_CALLS = True
+
+
+def direct_call_allowed(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call with these inputs may launch through :class:`DirectAttention` instead of the custom op:
+    a plain eager call. torch.compile and make_fx trace the op, opcheck and Inductor run it on fake or
+    functional tensors (tensor subclasses, dispatch modes), and functorch transforms use its registered
+    autograd; all of those keep the op."""
+    return (DIRECT_EAGER_CALLS
+            and not torch.compiler.is_compiling()
+            and not is_in_torch_dispatch_mode()
+            and not torch._C._are_functorch_transforms_active()
+            and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
+
+
+def forward_without_grad(q, k, v, bias, mask, scale: float) -> torch.Tensor:
+    """A plain eager forward that records no autograd graph (grad mode off, or no input needing a gradient):
+    the forward kernel's launch alone, as :class:`DirectAttention` would run it."""
+    with set_wrap_triton_enabled(False):
+        return launch_forward(q, k, v, bias, mask, scale)[0]
+
+
+class DirectAttention(torch.autograd.Function):
+    """The custom op's forward and backward for plain eager calls (:func:`direct_call_allowed`), launched
+    without torch's custom-op dispatch and its layers of Python.
+
+    The same launchers under the same switch as the op's eager calls (wrap_triton off, so register caps
+    apply), hence the same configs and the same bits; the same tensors saved for the backward. forward
+    takes ``ctx`` itself rather than defining ``setup_context``: Function.apply then skips binding its
+    arguments through ``inspect.signature`` on every call (about 40 µs of host time), which only functorch
+    transforms need, and those keep the op.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, scale):
+        with set_wrap_triton_enabled(False):
+            output = launch_forward(q, k, v, bias, mask, scale)
+        _setup_context(ctx, (q, k, v, bias, mask, scale), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        if torch.is_grad_enabled():
+            # create_graph=True: the op's gradients then refuse to be differentiated (no second derivatives),
+            # as they do on the custom op's path; the launcher's would silently have no grad_fn.
+            return _gradients(ctx, dout, attention_bwd)
+        with set_wrap_triton_enabled(False):
+            return _gradients(ctx, dout, launch_backward)

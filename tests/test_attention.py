@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from helpers import forward_and_grads
 from torch._library.triton import set_wrap_triton_enabled
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flash_tt_attn import attention, ops
 from flash_tt_attn.reference import attention_chunked, attention_reference
@@ -317,6 +319,57 @@ def test_cdiv_is_the_ceiling_of_the_quotient():
     for a in range(200):
         for b in (1, 2, 3, 16, 32, 64, 128, 1024):
             assert ops.cdiv(a, b) == math.ceil(a / b) == triton.cdiv(a, b), (a, b)
+
+
+def _output_and_gradients(q, k, v, bias, mask, dout) -> tuple[str, list[torch.Tensor]]:
+    """attention()'s output's grad_fn name, and its output and gradients."""
+    ins = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+    out = attention(*ins, mask=mask)
+    return out.grad_fn.name(), [out.detach(), *torch.autograd.grad(out, ins, dout)]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_plain_eager_calls_skip_the_custom_op_and_give_its_bits(monkeypatch, masked):
+    """Plain eager calls launch through ops.DirectAttention rather than the custom op (less host time per
+    call); both run the same launchers, so outputs and gradients are bitwise equal."""
+    q, k, v, bias, mask = make_inputs(1, 2, 9, 16, torch.float16, masked=masked)
+    dout = torch.randn_like(q)
+    direct_node, direct = _output_and_gradients(q, k, v, bias, mask, dout)
+    monkeypatch.setattr(ops, "DIRECT_EAGER_CALLS", False)
+    op_node, via_op = _output_and_gradients(q, k, v, bias, mask, dout)
+    assert direct_node == "DirectAttentionBackward" and "flash_tt_attn_attention_fwd" in op_node
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), direct, via_op, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "custom-op"])
+def test_second_derivatives_are_refused(monkeypatch, direct):
+    """create_graph=True gives first derivatives; differentiating them again raises rather than silently
+    treating them as constants."""
+    monkeypatch.setattr(ops, "DIRECT_EAGER_CALLS", direct)
+    q, k, v, bias, _ = make_inputs(1, 1, 4, 16, torch.float32)
+    ins = [t.requires_grad_() for t in (q, k, v, bias)]
+    dout = torch.randn_like(q)
+    dq = torch.autograd.grad(attention(*ins), ins, dout, create_graph=True)[0]
+    assert torch.equal(dq.detach(), torch.autograd.grad(attention(*ins), ins, dout)[0])
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        dq.sum().backward()
+
+
+def test_only_plain_eager_calls_skip_the_custom_op(monkeypatch):
+    """Fake tensors (opcheck, Inductor), dispatch modes (make_fx) and functorch transforms keep the custom op."""
+    q, k, v, bias, mask = make_inputs(1, 1, 4, 16, torch.float32, masked=True)
+    assert ops.direct_call_allowed(q, k, v, torch.nn.Parameter(bias), mask)
+    with FakeTensorMode() as fake:
+        fake_q = fake.from_tensor(q)
+        assert not ops.direct_call_allowed(fake_q, k, v, bias, mask)
+    with TorchDispatchMode():
+        assert not ops.direct_call_allowed(q, k, v, bias, mask)
+    seen = []
+    torch.func.grad(lambda x: seen.append(ops.direct_call_allowed(x)) or x.sum())(q)
+    assert seen == [False]
+    monkeypatch.setattr(ops, "DIRECT_EAGER_CALLS", False)
+    assert not ops.direct_call_allowed(q, k, v, bias, mask)
 
 
 def test_row_block_op_matches_rows_of_full_call():

@@ -1,0 +1,115 @@
+"""Launching the Triton kernels with less host time than ``kernel[grid](...)``.
+
+Triton's ``JITFunction.run`` binds every argument, specializes it, builds a cache key (a string of all
+the options) and looks the compiled kernel up on every launch: about 30-40 µs of Python per launch on
+the GPU machines' hosts, several times what the compiled kernel's own launcher needs. This module keeps,
+per kernel, a cache from a cheap key of the call to the compiled kernel that Triton returned for it, and
+calls that compiled kernel's launcher directly on a hit.
+
+The key holds everything Triton specializes a compiled kernel on, argument by argument:
+
+- tensors: dtype, and whether the data pointer is 16-byte aligned;
+- integers: whether the value is 1 (Triton makes it a constant), whether it is divisible by 16, and
+  whether it fits in 32 bits, 64 bits signed or 64 bits unsigned (the integer type of the parameter);
+- every other argument (floats, bools, None): its Python type, which is all Triton looks at;
+- the constexpr and launch keyword arguments (tile sizes, dtypes, num_warps, ...): their values;
+- the current CUDA device (Triton caches compiled kernels per device).
+
+tests/test_launch.py checks this key against Triton's own specialization function on the cases that
+matter (misaligned views, sizes not divisible by 16, strides of 1, 64-bit offsets). A miss, or any
+call the fast path does not cover (the interpreter, a launch hook such as a profiler's, a Triton version
+this was not checked against, a tensor on another device than the current one), goes through
+``kernel[grid](...)`` as before; a hit then launches exactly what Triton launched for that key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import triton
+from triton import knobs
+
+from ._compat import parse_version
+
+# The launcher call below is JITFunction.run's own as Triton 3.6 writes it (the GPU machines' version). Other
+# versions have changed the launcher's arguments before, so they take the normal launch until checked.
+_CHECKED_TRITON = ((3, 6), (3, 6))
+
+
+def _triton_is_checked() -> bool:
+    version = parse_version(triton.__version__)[:2]
+    return _CHECKED_TRITON[0] <= version <= _CHECKED_TRITON[1]
+
+
+# Bounds the cache when shapes keep changing (each entry is a few tuples; a miss costs one normal launch).
+MAX_ENTRIES = 4096
+
+
+def call_key(tensors: Sequence[torch.Tensor], scalars: tuple, constants: dict) -> tuple:
+    """The cache key of one launch, finer than Triton's specialization: the tensors' dtypes and 16-byte
+    alignment, the integer and float arguments' exact values and types, and the constants' values. Two
+    calls with equal keys are specialized alike by Triton; unequal keys only cost a normal launch."""
+    return (
+        tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]),
+        scalars,
+        tuple(map(type, scalars)),  # 1 == 1.0 == True as values; Triton tells int, float and bool apart
+        tuple(constants.items()),
+    )
+
+
+def _no_hook(hook) -> bool:
+    """Whether a Triton launch hook (None, or a chain of hooks in Triton 3.6) would call nothing; a profiler
+    such as Proton adds hooks, and its launches then go through Triton, which calls them."""
+    return hook is None or not getattr(hook, "calls", True)
+
+
+class FastLauncher:
+    """Launches one @triton.jit kernel, past JITFunction.run's binder once a call's key has been seen.
+
+    ``launch(grid, tensors, scalars, constants)`` is ``kernel[grid](*tensors, *scalars, **constants)``:
+    the kernel's leading parameters are the tensors, then the integers and floats; ``constants`` name its
+    remaining parameters (constexprs) and launch options (num_warps, num_stages, maxnreg).
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.enabled = isinstance(kernel, triton.runtime.jit.JITFunction) and _triton_is_checked()
+        self._cache: dict = {}
+        self._params = [p.name for p in kernel.params] if self.enabled else []
+        self._defaults = {p.name: p.default for p in kernel.params if p.has_default} if self.enabled else {}
+        self.hits = 0
+        self.misses = 0
+
+    def _tail(self, n_args: int, constants: dict) -> tuple:
+        """The values of the parameters after the positional ones, in the kernel's order."""
+        names = self._params[n_args:]
+        missing = [n for n in names if n not in constants and n not in self._defaults]
+        if missing:
+            raise TypeError(f"{self.kernel.__name__}: no value for {missing}")
+        return tuple(constants[n] if n in constants else self._defaults[n] for n in names)
+
+    def launch(self, grid: tuple, tensors: Sequence[torch.Tensor], scalars: tuple, constants: dict) -> None:
+        runtime = knobs.runtime
+        if not (self.enabled and _no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook)):
+            self.kernel[grid](*tensors, *scalars, **constants)
+            return
+        device = torch.cuda.current_device()
+        key = (device, call_key(tensors, scalars, constants))
+        entry = self._cache.get(key)
+        if entry is None:
+            self.misses += 1
+            compiled = self.kernel[grid](*tensors, *scalars, **constants)
+            if compiled is not None and not hasattr(compiled, "result"):  # not an asynchronous compile
+                if len(self._cache) >= MAX_ENTRIES:
+                    self._cache.clear()
+                tail = self._tail(len(tensors) + len(scalars), constants)
+                self._cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
+            return
+        self.hits += 1
+        run, function, packed_metadata, tail = entry
+        stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's CUDA driver asks torch for
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        run(grid[0], g1, g2, stream, function, packed_metadata, None, None, None, *tensors, *scalars, *tail)
