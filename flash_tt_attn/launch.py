@@ -6,26 +6,26 @@ the GPU machines' hosts, several times what the compiled kernel's own launcher n
 per kernel, a cache from a cheap key of the call to the compiled kernel that Triton returned for it, and
 calls that compiled kernel's launcher directly on a hit.
 
-The key holds everything Triton specializes a compiled kernel on, argument by argument:
+The key is finer than Triton's specialization, so that two calls with equal keys are always specialized
+alike (a key that matched calls Triton specializes differently would launch a kernel compiled for other
+arguments: a silent wrong result):
 
-- tensors: dtype, and whether the data pointer is 16-byte aligned;
-- integers: whether the value is 1 (Triton makes it a constant), whether it is divisible by 16, and
-  whether it fits in 32 bits, 64 bits signed or 64 bits unsigned (the integer type of the parameter);
-- every other argument (floats, bools, None): its Python type, which is all Triton looks at;
-- the constexpr and launch keyword arguments (tile sizes, dtypes, num_warps, ...): their values;
+- tensors: dtype, and whether the data pointer is 16-byte aligned (all Triton looks at);
+- integers and floats: their exact values and Python types (Triton looks at the type, whether an integer
+  is 1, divisible by 16, or beyond 32 bits; equal values give equal answers);
+- the constexpr and launch keyword arguments (tile sizes, dtypes, num_warps, ...): their values and types;
 - the current CUDA device (Triton caches compiled kernels per device).
 
-tests/test_launch.py checks this key against Triton's own specialization function on the cases that
-matter (misaligned views, sizes not divisible by 16, strides of 1, 64-bit offsets). A miss, or any
-call the fast path does not cover (the interpreter, a launch hook such as a profiler's, a Triton version
-this was not checked against, a tensor on another device than the current one), goes through
-``kernel[grid](...)`` as before; a hit then launches exactly what Triton launched for that key.
+tests/test_launch.py checks the key against Triton's own specialization function on the cases that
+matter (misaligned views, sizes not divisible by 16, strides of 1, 64-bit values). A miss, or any call
+the fast path does not cover (the interpreter, a launch hook such as a profiler's, a Triton version this
+was not checked against), goes through ``kernel[grid](...)`` as before; a hit then launches exactly the
+compiled kernel that Triton launched for that key, with Triton's own launcher.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import triton
@@ -56,6 +56,7 @@ def call_key(tensors: Sequence[torch.Tensor], scalars: tuple, constants: dict) -
         scalars,
         tuple(map(type, scalars)),  # 1 == 1.0 == True as values; Triton tells int, float and bool apart
         tuple(constants.items()),
+        tuple(map(type, constants.values())),  # likewise True and 1 as a constexpr
     )
 
 
@@ -75,12 +76,18 @@ class FastLauncher:
 
     def __init__(self, kernel):
         self.kernel = kernel
+        # The interpreter's kernels (TRITON_INTERPRET=1) are not JITFunctions and always launch through Triton.
         self.enabled = isinstance(kernel, triton.runtime.jit.JITFunction) and _triton_is_checked()
         self._cache: dict = {}
-        self._params = [p.name for p in kernel.params] if self.enabled else []
-        self._defaults = {p.name: p.default for p in kernel.params if p.has_default} if self.enabled else {}
-        self.hits = 0
-        self.misses = 0
+        params = getattr(kernel, "params", [])
+        self._params = [p.name for p in params]
+        self._defaults = {p.name: p.default for p in params if p.has_default}
+        self.hits = 0  # launches past Triton's binder
+        self.misses = 0  # launches through kernel[grid](...)
+
+    # Where Triton's CUDA driver gets the device and stream of a launch (tests replace them).
+    current_device = staticmethod(lambda: torch.cuda.current_device())
+    current_stream = staticmethod(lambda device: torch._C._cuda_getCurrentRawStream(device))
 
     def _tail(self, n_args: int, constants: dict) -> tuple:
         """The values of the parameters after the positional ones, in the kernel's order."""
@@ -95,7 +102,7 @@ class FastLauncher:
         if not (self.enabled and _no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook)):
             self.kernel[grid](*tensors, *scalars, **constants)
             return
-        device = torch.cuda.current_device()
+        device = self.current_device()
         key = (device, call_key(tensors, scalars, constants))
         entry = self._cache.get(key)
         if entry is None:
@@ -109,7 +116,7 @@ class FastLauncher:
             return
         self.hits += 1
         run, function, packed_metadata, tail = entry
-        stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's CUDA driver asks torch for
+        stream = self.current_stream(device)
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
         run(grid[0], g1, g2, stream, function, packed_metadata, None, None, None, *tensors, *scalars, *tail)

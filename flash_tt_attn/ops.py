@@ -278,10 +278,10 @@ def _launch_options(cfg: LaunchConfig) -> dict:
     return options
 
 
-def _row_offset_dtype(L: int, *tensors: torch.Tensor):
-    """Integer type of the offsets inside one row i's (L, D) slice: int32 when every such offset fits
-    (fewer address instructions in the kernels' main loops), int64 otherwise (huge strides)."""
-    span = max((L - 1) * abs(t.stride(3)) + (t.shape[4] - 1) * abs(t.stride(4)) for t in tensors)
+def _row_offset_dtype(L: int, head_dim: int, *strides: tuple):
+    """Integer type of the offsets inside one row i's (L, D) slice of tensors with these strides: int32 when
+    every such offset fits (fewer address instructions in the kernels' main loops), int64 otherwise."""
+    span = max((L - 1) * abs(s[3]) + (head_dim - 1) * abs(s[4]) for s in strides)
     return tl.int32 if span < 2**31 else tl.int64
 
 
@@ -336,6 +336,53 @@ def dbias_splits(B: int, H: int, R: int, L: int, head_dim: int, cfg: LaunchConfi
     return max(1, min(wanted, head_dim // 2, R))
 
 
+def _contiguous_strides(shape) -> tuple:
+    """The strides torch gives a new contiguous tensor of this shape (outputs, gradients, lse)."""
+    return torch.empty(shape, device="meta").stride()
+
+
+def _chooser_state() -> tuple:
+    """Everything module-level that a launch plan is built from: the config choosers and switches (tests and
+    benchmarks replace them), so that a replaced one is never served a plan built by another."""
+    return (forward_config, dq_config, dkdv_config, dbias_config, dbias_splits, _row_offset_dtype,
+            _max_shared_memory, FAST_EXP2, SETTLE_ACCUMULATORS, DBIAS_UNSCALED_SCORES)
+
+
+_PLANS: dict = {}
+
+
+def _plan(build, *signature):
+    """``build(*signature)``, the launch's grid, scalar arguments and constants, computed once per signature
+    (shapes, strides, dtype, device, scale, mask layout) and chooser state on the eager path. While
+    torch.compile traces a launch the shapes may be symbolic, so the plan is built afresh and not kept."""
+    if _launch_is_traced():
+        return build(*signature)
+    key = (build, _chooser_state(), signature)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 4096:  # shapes that keep changing: start over rather than grow without bound
+            _PLANS.clear()
+        plan = _PLANS[key] = build(*signature)
+    return plan
+
+
+def _forward_plan(shape, q_s, k_s, v_s, bias_s, mask_s, has_mask, dtype, device, scale):
+    B, H, R, L, D = shape
+    cfg = forward_config(L, D, dtype, device)
+    if cfg.rows not in (1, 2, 4):
+        raise ValueError(f"the forward kernel takes 1, 2 or 4 rows per program, not {cfg.rows}")
+    grid = (cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H)
+    scalars = (*q_s, *k_s, *v_s, *_contiguous_strides(shape), *bias_s, *mask_s,
+               *_contiguous_strides((B, H, R, L)), H, R, L, scale)
+    constants = dict(
+        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), Q_PRESCALED=_q_prescaled(dtype, scale) and cfg.prescale,
+        ROWS=cfg.rows, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
+        ACC_DTYPE=_acc_dtype(dtype), DOT_PRECISION=_dot_precision(dtype),
+        FAST_EXP2=_fast_exp2(dtype, device), ROW_OFFSET_DTYPE=_row_offset_dtype(L, D, k_s, v_s),
+        **_launch_options(cfg))
+    return grid, scalars, constants
+
+
 def launch_forward(q, k, v, bias, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel's launch, behind both :func:`attention_fwd` and :class:`DirectAttention`:
     returns the output (q's dtype) and the base-2 log-sum-exp (B, H, R, L), fp32.
@@ -349,20 +396,9 @@ def launch_forward(q, k, v, bias, mask, scale: float) -> tuple[torch.Tensor, tor
     if q.numel() == 0:  # no rows (an empty shard), no pairs or no batch: nothing to launch
         return out, lse
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
-    cfg = forward_config(L, D, q.dtype, q.device)
-    if cfg.rows not in (1, 2, 4):
-        raise ValueError(f"the forward kernel takes 1, 2 or 4 rows per program, not {cfg.rows}")
-    grid = (cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H)
-    _launch(
-        attention_fwd_kernel, grid, (q, k, v, bias, mask_t, out, lse),
-        (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias.stride(), *mask_strides, *lse.stride(),
-         H, R, L, scale),
-        dict(HAS_MASK=has_mask, EVEN_L=_even(L, cfg), Q_PRESCALED=_q_prescaled(q.dtype, scale) and cfg.prescale,
-             ROWS=cfg.rows, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
-             ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
-             FAST_EXP2=_fast_exp2(q.dtype, q.device), ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v),
-             **_launch_options(cfg)),
-    )
+    grid, scalars, constants = _plan(_forward_plan, q.shape, q.stride(), k.stride(), v.stride(), bias.stride(),
+                                     mask_strides, has_mask, q.dtype, q.device, scale)
+    _launch(attention_fwd_kernel, grid, (q, k, v, bias, mask_t, out, lse), scalars, constants)
     return out, lse
 
 
@@ -375,87 +411,68 @@ def attention_fwd(
     return launch_forward(q, k, v, bias, mask, scale)
 
 
-def _launch_dq(dout, q, k, v, bias, mask_args, out, lse, delta, scale, common) -> torch.Tensor:
-    """dq, and delta = rowsum(dO · O) into ``delta`` for the two kernels that follow."""
-    B, H, R, L, D = q.shape
-    mask_t, mask_strides, _ = mask_args
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    cfg = dq_config(L, D, q.dtype, q.device)
+def _dq_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, dtype, device, scale, common):
+    B, H, R, L, D = shape
+    cfg = dq_config(L, D, dtype, device)
     if cfg.rows not in (1, 2):
         raise ValueError(f"the dq kernel takes 1 or 2 rows per program, not {cfg.rows}")
-    _launch(
-        attention_bwd_dq_kernel, (cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H),
-        (q, k, v, bias, mask_t, out, dout, lse, delta, dq),
-        (*q.stride(), *dq.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(),
-         *bias.stride(), *mask_strides, *lse.stride(), H, R, L, scale),
-        dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, k, v), SETTLE=_settle(q.dtype, q.device, cfg),
-             **_prescaled(common, cfg), **_tile_args(L, cfg), **_launch_options(cfg)),
-    )
-    return dq
+    grid = (cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H)
+    scalars = (*q_s, *_contiguous_strides(shape), *k_s, *v_s, *out_s, *dout_s, *bias_s, *mask_s,
+               *_contiguous_strides((B, H, R, L)), H, R, L, scale)
+    constants = dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, D, k_s, v_s),
+                     SETTLE=_settle(dtype, device, cfg), **_prescaled(dict(common), cfg), **_tile_args(L, cfg),
+                     **_launch_options(cfg))
+    return grid, scalars, constants
 
 
-def _dbias_plan(q: torch.Tensor) -> tuple[LaunchConfig, int, int]:
-    """The bias-gradient kernel's config, its number of row splits and rows per split."""
-    B, H, R, L, D = q.shape
-    cfg = dbias_config(L, D, q.dtype, q.device)
+def _dbias_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common):
+    """The bias-gradient kernel's launch, and the split sum's when the R rows are split (``sum`` is None
+    otherwise): the kernel sums ``rows_per_split`` rows i into each of ``splits`` partial gradients."""
+    B, H, R, L, D = shape
+    cfg = dbias_config(L, D, dtype, device)
     rows_per_split = cdiv(R, dbias_splits(B, H, R, L, D, cfg))
-    return cfg, cdiv(R, rows_per_split), rows_per_split
-
-
-def _launch_dbias(dout, q, k, v, bias, mask_args, lse, delta, scale, common, plan) -> torch.Tensor:
-    """dbias = Σ_i ds[i], in bias's dtype: one kernel, plus the fixed-order sum when rows are split."""
-    B, H, R, L, D = q.shape
-    mask_t, mask_strides, _ = mask_args
-    cfg, splits, rows_per_split = plan
+    splits = cdiv(R, rows_per_split)
     # One split: the kernel writes the gradient in bias's dtype directly (no fp32 buffer, no cast).
-    partial_dtype = bias.dtype if splits == 1 else lse.dtype
-    partial = torch.empty((splits, B, H, L, L), dtype=partial_dtype, device=q.device)
-    tiles = cdiv(L, cfg.block_j) * cdiv(L, cfg.block_k)
-    _launch(
-        attention_bwd_dbias_kernel, (tiles, splits, B * H), (q, k, v, bias, mask_t, dout, lse, delta, partial),
-        (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bias.stride(), *mask_strides, *lse.stride(),
-         *partial.stride(), H, R, L, rows_per_split, scale),
-        dict(UNSCALED_SCORES=_dbias_unscaled_scores(scale), **common, **_tile_args(L, cfg), **_launch_options(cfg)),
-    )
-    if splits == 1:
-        return partial[0]
-    # Fixed-order reduction over the splits: deterministic, unlike float atomics.
-    dbias = torch.empty((B, H, L, L), dtype=bias.dtype, device=q.device)
-    n_elements = dbias.numel()
-    _launch(sum_row_splits_kernel, (cdiv(n_elements, SUM_BLOCK),), (partial, dbias), (n_elements, splits),
-            dict(ACC_DTYPE=_acc_dtype(q.dtype), BLOCK=SUM_BLOCK))
-    return dbias
+    partial_dtype = dtype if splits == 1 else _lse_dtype(dtype)
+    partial_shape = (splits, B, H, L, L)
+    grid = (cdiv(L, cfg.block_j) * cdiv(L, cfg.block_k), splits, B * H)
+    scalars = (*q_s, *k_s, *v_s, *dout_s, *bias_s, *mask_s, *_contiguous_strides((B, H, R, L)),
+               *_contiguous_strides(partial_shape), H, R, L, rows_per_split, scale)
+    constants = dict(UNSCALED_SCORES=_dbias_unscaled_scores(scale), **dict(common), **_tile_args(L, cfg),
+                     **_launch_options(cfg))
+    split_sum = None
+    if splits > 1:
+        n_elements = B * H * L * L
+        split_sum = ((cdiv(n_elements, SUM_BLOCK),), (n_elements, splits),
+                     dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK=SUM_BLOCK))
+    return partial_shape, partial_dtype, grid, scalars, constants, split_sum
 
 
-def _launch_dkdv(dout, q, k, v, bias, mask_args, lse, delta, scale, common) -> tuple[torch.Tensor, torch.Tensor]:
-    """dk and dv, from the delta that the dq kernel wrote."""
-    B, H, R, L, D = q.shape
-    mask_t, mask_strides, _ = mask_args
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    cfg = dkdv_config(L, D, q.dtype, q.device)
+def _dkdv_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common):
+    B, H, R, L, D = shape
+    cfg = dkdv_config(L, D, dtype, device)
     if cfg.rows not in (1, 2):
         raise ValueError(f"the dk/dv kernel takes 1 or 2 rows per program, not {cfg.rows}")
-    # The same bias values, strided key-major (a copy unless it already is, as for the ending node's
-    # transposed view): this kernel's transposed tiles then load as contiguous vectors.
-    bias_tiles = bias.mT.contiguous().mT if cfg.key_major_bias else bias
-    _launch(
-        attention_bwd_dkdv_kernel, (cdiv(L, cfg.block_k), cdiv(R, cfg.rows), B * H),
-        (q, k, v, bias_tiles, mask_t, dout, lse, delta, dk, dv),
-        (*q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(), *dout.stride(),
-         *bias_tiles.stride(), *mask_strides, *lse.stride(), H, R, L, scale),
-        dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, q, dout), SETTLE=_settle(q.dtype, q.device, cfg),
-             **_prescaled(common, cfg), **_tile_args(L, cfg), **_launch_options(cfg)),
-    )
-    return dk, dv
+    # The strides of the bias tiles the kernel reads: launch_backward's key-major copy, as torch lays it out.
+    tiles_s = bias_s
+    if cfg.key_major_bias:
+        tiles_s = torch.empty_strided((B, H, L, L), bias_s, device="meta").mT.contiguous().mT.stride()
+    grid = (cdiv(L, cfg.block_k), cdiv(R, cfg.rows), B * H)
+    grads_s = _contiguous_strides(shape)
+    scalars = (*q_s, *k_s, *v_s, *grads_s, *grads_s, *dout_s, *tiles_s, *mask_s,
+               *_contiguous_strides((B, H, R, L)), H, R, L, scale)
+    constants = dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=_row_offset_dtype(L, D, q_s, dout_s),
+                     SETTLE=_settle(dtype, device, cfg), **_prescaled(dict(common), cfg), **_tile_args(L, cfg),
+                     **_launch_options(cfg))
+    return cfg.key_major_bias, grid, scalars, constants
 
 
-def backward_constants(q: torch.Tensor, mask_args, scale: float) -> dict:
-    """The compile-time constants every backward kernel takes, for q's dtype and device, the mask (as
-    _mask_args gives it) and the scale."""
-    return dict(HAS_MASK=mask_args[2], Q_PRESCALED=_q_prescaled(q.dtype, scale), HEAD_DIM=q.shape[-1],
-                ACC_DTYPE=_acc_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
-                FAST_EXP2=_fast_exp2(q.dtype, q.device))
+def backward_constants(dtype: torch.dtype, device: torch.device, head_dim: int, has_mask: bool,
+                       scale: float) -> tuple:
+    """The compile-time constants every backward kernel takes, as (name, value) pairs (a plan signature)."""
+    return (("HAS_MASK", has_mask), ("Q_PRESCALED", _q_prescaled(dtype, scale)), ("HEAD_DIM", head_dim),
+            ("ACC_DTYPE", _acc_dtype(dtype)), ("DOT_PRECISION", _dot_precision(dtype)),
+            ("FAST_EXP2", _fast_exp2(dtype, device)))
 
 
 def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float) -> tuple[torch.Tensor, ...]:
@@ -471,18 +488,49 @@ def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float) -> tuple[
     if q.numel() == 0:  # no rows, no pairs or no batch: nothing to launch
         empty = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
         return empty[0], empty[1], empty[2], torch.zeros_like(bias)
+    mask_t, mask_s, has_mask = _mask_args(mask, q)
+    dtype, device = q.dtype, q.device
+    common = backward_constants(dtype, device, D, has_mask, scale)
+    shape, q_s, k_s, v_s, dout_s, bias_s = q.shape, q.stride(), k.stride(), v.stride(), dout.stride(), bias.stride()
+
     delta = torch.empty_like(lse)
-    mask_args = _mask_args(mask, q)
-    common = backward_constants(q, mask_args, scale)
-    args = (dout, q, k, v, bias, mask_args)
-    dq = _launch_dq(*args, out, lse, delta, scale, common)
-    plan = _dbias_plan(q)
-    if plan[1] > 1:  # fp32 partial sums over row splits
-        dbias = _launch_dbias(*args, lse, delta, scale, common, plan)
-        dk, dv = _launch_dkdv(*args, lse, delta, scale, common)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    grid, scalars, constants = _plan(_dq_plan, shape, q_s, k_s, v_s, out.stride(), dout_s, bias_s, mask_s,
+                                     dtype, device, scale, common)
+    # dq, and delta = rowsum(dO · O) into delta for the two kernels that follow.
+    _launch(attention_bwd_dq_kernel, grid, (q, k, v, bias, mask_t, out, dout, lse, delta, dq), scalars, constants)
+
+    def bias_gradient():
+        partial_shape, partial_dtype, grid, scalars, constants, split_sum = _plan(
+            _dbias_plan, shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common)
+        partial = torch.empty(partial_shape, dtype=partial_dtype, device=device)
+        _launch(attention_bwd_dbias_kernel, grid, (q, k, v, bias, mask_t, dout, lse, delta, partial), scalars,
+                constants)
+        if split_sum is None:
+            return partial[0]
+        # Fixed-order reduction over the splits: deterministic, unlike float atomics.
+        dbias = torch.empty((B, H, L, L), dtype=bias.dtype, device=device)
+        _launch(sum_row_splits_kernel, split_sum[0], (partial, dbias), *split_sum[1:])
+        return dbias
+
+    def key_and_value_gradients():
+        key_major, grid, scalars, constants = _plan(_dkdv_plan, shape, q_s, k_s, v_s, dout_s, bias_s, mask_s,
+                                                    dtype, device, scale, common)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        # The same bias values, strided key-major (a copy unless it already is, as for the ending node's
+        # transposed view): this kernel's transposed tiles then load as contiguous vectors.
+        bias_tiles = bias.mT.contiguous().mT if key_major else bias
+        _launch(attention_bwd_dkdv_kernel, grid, (q, k, v, bias_tiles, mask_t, dout, lse, delta, dk, dv), scalars,
+                constants)
+        return dk, dv
+
+    if _plan(_dbias_plan, shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common)[-1]:
+        dbias = bias_gradient()  # fp32 partial sums over row splits: freed before dk and dv exist
+        dk, dv = key_and_value_gradients()
     else:
-        dk, dv = _launch_dkdv(*args, lse, delta, scale, common)
-        dbias = _launch_dbias(*args, lse, delta, scale, common, plan)
+        dk, dv = key_and_value_gradients()
+        dbias = bias_gradient()
     return dq, dk, dv, dbias
 
 

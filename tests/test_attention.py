@@ -197,7 +197,7 @@ def test_configs_that_leave_the_operand_unscaled(monkeypatch):
     """prescale=False (the GPU's D = 64 and 128 configs): forward, dq and dk/dv apply the scale to the fp32
     product instead of scaling q (k in dk/dv) in its own dtype; the results must not change."""
     unscaled = ops.LaunchConfig(16, 16, 1, 2, pipeline_all_loads=True, prescale=False)
-    common = ops.backward_constants(torch.empty(1, 1, 1, 1, 16), ops._mask_args(None, torch.empty(0)), 0.25)
+    common = dict(ops.backward_constants(torch.float32, torch.device("cpu"), 16, False, 0.25))
     assert common["Q_PRESCALED"] and not ops._prescaled(common, unscaled)["Q_PRESCALED"]
     for chooser in ("forward_config", "dq_config", "dkdv_config"):
         monkeypatch.setattr(ops, chooser, lambda *args: unscaled)
@@ -455,8 +455,8 @@ def test_offsets_inside_a_row_switch_to_int64_when_int32_would_overflow():
     """Strides are the caller's: a permuted or sliced view can make (L-1)·stride exceed 2³¹ - 1."""
     small = torch.empty_strided((1, 1, 8, 8, 16), (1024, 1024, 128, 16, 1), device="meta")
     huge = torch.empty_strided((1, 1, 8, 8, 16), (0, 0, 16, 2**29, 1), device="meta")
-    assert ops._row_offset_dtype(8, small, small) == tl.int32
-    assert ops._row_offset_dtype(8, small, huge) == tl.int64
+    assert ops._row_offset_dtype(8, 16, small.stride(), small.stride()) == tl.int32
+    assert ops._row_offset_dtype(8, 16, small.stride(), huge.stride()) == tl.int64
 
 
 def test_int64_row_offsets_give_the_same_gradients(monkeypatch):
