@@ -261,10 +261,10 @@ GPU_ONLY = "this session needs a CUDA GPU"
 
 
 def _nox_sessions() -> list[str]:
-    result = _run([sys.executable, "-m", "nox", "-f", ROOT / "noxfile.py", "-l", "--json"], env=_clean_env(),
-                  timeout=120)
+    """Every session `nox -l` lists (`--json` lists only the default ones)."""
+    result = _run([sys.executable, "-m", "nox", "-f", ROOT / "noxfile.py", "-l"], env=_clean_env(), timeout=120)
     assert result.returncode == 0, result.stderr
-    return [s["session"] for s in json.loads(result.stdout)]
+    return re.findall(r"^[*-] (\S+) -> ", result.stdout, re.M)
 
 
 # Each session as it runs on a CPU-only machine, with tiny inputs: (nox -s NAME, posargs, "ok" or GPU_ONLY).
@@ -291,9 +291,16 @@ def nox_checkout(tmp_path_factory):
     """A copy of the checkout (so relock, bench and figures write there, not here) and one nox envdir for it."""
     base = tmp_path_factory.mktemp("nox")
     copy = base / "checkout"
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".nox", "build", "dist", "*.egg-info",
-                                                              "__pycache__", ".pytest_cache", ".ruff_cache",
-                                                              ".hypothesis", ".whl", ".gl"))
+    # The files git tracks, as they are in this working tree: what a fresh clone holds (plus local edits).
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=False)
+    if tracked.returncode == 0:
+        for name in tracked.stdout.decode().split("\0"):
+            if name and (ROOT / name).is_file():
+                (copy / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, copy / name)
+    else:  # not a git checkout (an unpacked sdist): everything but caches and build outputs
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".nox", "build", "dist", "*.egg-info", "__pycache__",
+                                                                  ".pytest_cache", ".ruff_cache", ".hypothesis"))
     (base / "specs").mkdir()
     shutil.copy(ROOT / "experiments" / "smoke.yaml", base / "specs")
     return base, copy
