@@ -112,7 +112,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(**GPU_VENV)
 def gpu_tests(session: nox.Session) -> None:
-    """GPU test suite (pytest -m gpu) with the machine's own torch/triton; fails without a CUDA GPU."""
+    """GPU test suite (pytest -m gpu) with the machine's own torch/triton; stops at once without a CUDA GPU."""
     _require_cuda(session)
     _install_self(session, deps=False)
     session.run("pytest", "-m", "gpu", "-q", *session.posargs)
