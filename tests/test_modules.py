@@ -265,12 +265,12 @@ def test_masks_batch_dims_and_padded_head_dim():
 
 @pytest.mark.parametrize(
     "amp_dtype,path",
-    [(torch.bfloat16, "pytorch"), (torch.float16, "kernel")],
-    ids=["bf16-pytorch-path", "fp16-kernel"],
+    [(torch.bfloat16, "pytorch"), (torch.bfloat16, "kernel"), (torch.float16, "kernel")],
+    ids=["bf16-pytorch-path", "bf16-kernel", "fp16-kernel"],
 )
 def test_autocast_cpu(amp_dtype, path, monkeypatch):
-    """CPU autocast with fp32 parameters. bf16 runs attention()'s PyTorch path: Triton's
-    interpreter gets bf16 tl.dot wrong (triton-lang/triton#11584); fp16 runs the kernels."""
+    """CPU autocast with fp32 parameters, on attention()'s PyTorch path and on the interpreted kernels
+    (bf16 there runs the kernels in fp32: the interpreter gets bf16 tl.dot wrong, triton-lang/triton#11584)."""
     if path == "pytorch":
         monkeypatch.setenv("TRITON_INTERPRET", "0")  # read per call by attention()
     B, L, C = 1, 8, 16
