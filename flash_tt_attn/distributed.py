@@ -26,7 +26,7 @@ Example (run with ``torchrun --nproc-per-node 2 example.py``)::
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -105,6 +105,21 @@ def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(parts).cpu()
 
 
+class _RankInputs(NamedTuple):
+    """What each rank tells the others about its call, gathered as one float64 vector per rank."""
+
+    valid: float  # 1 when this rank's own inputs passed their checks
+    B: float
+    H: float
+    L_local: float
+    L: float
+    D: float
+    dtype_code: float
+    has_mask: float
+    bias_needs_grad: float
+    scale: float
+
+
 def _check_group(q, k, v, bias, scale, mask, group, sync_bias_grad) -> None:
     """Check this rank's inputs and that all ranks agree, raising the same error on every rank.
 
@@ -125,12 +140,13 @@ def _check_group(q, k, v, bias, scale, mask, group, sync_bias_grad) -> None:
     if local_error is None:
         B, H, R, L, D = q.shape
         s = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        meta = [1, B, H, R, L, D, _DTYPE_CODES[q.dtype], mask is not None, sync_bias_grad, s]
+        meta = _RankInputs(1, B, H, R, L, D, _DTYPE_CODES[q.dtype], mask is not None, sync_bias_grad, s)
     else:
-        meta = [0] + [0] * 9
-    metas = _all_gather(torch.tensor(meta, dtype=torch.float64, device=device), group).tolist()
+        meta = _RankInputs(*([0] * len(_RankInputs._fields)))
+    gathered = _all_gather(torch.tensor(meta, dtype=torch.float64, device=device), group).tolist()
+    metas = [_RankInputs(*m) for m in gathered]
 
-    bad = [r for r, m in enumerate(metas) if m[0] == 0]
+    bad = [r for r, m in enumerate(metas) if m.valid == 0]
     if bad:
         text = "" if local_error is None else str(local_error).removeprefix(f"{_NAME}: ")
         message = text.encode()[:_MAX_MESSAGE_BYTES]
@@ -142,33 +158,35 @@ def _check_group(q, k, v, bias, scale, mask, group, sync_bias_grad) -> None:
         raise ValueError(f"{_NAME}: invalid inputs on rank {first} of {world} (ranks with invalid inputs: "
                          f"{bad}): {texts[first]}") from local_error
 
-    def differ(lo, hi):
-        return any(m[lo:hi] != metas[0][lo:hi] for m in metas)
+    def differ(*fields):
+        return any(getattr(m, f) != getattr(metas[0], f) for m in metas for f in fields)
 
-    def table(lo, hi, names):
-        return "; ".join(f"rank {r}: " + ", ".join(f"{n}={int(x)}" for n, x in zip(names, m[lo:hi], strict=True))
+    def table(fields):
+        return "; ".join(f"rank {r}: " + ", ".join(f"{f}={int(getattr(m, f))}" for f in fields)
                          for r, m in enumerate(metas))
 
     problems = []
-    if differ(1, 3) or differ(4, 6):
+    L_locals = [int(m.L_local) for m in metas]
+    if differ("B", "H", "L", "D"):
         problems.append("B, H, L and D must be the same on every rank (" +
-                        table(1, 6, ("B", "H", "L_local", "L", "D")) + ")")
-    elif sum(int(m[3]) for m in metas) != int(metas[0][4]):
-        problems.append(f"the ranks' blocks of rows must add up to L = {int(metas[0][4])}, got L_local = "
-                        f"{[int(m[3]) for m in metas]} (sum {sum(int(m[3]) for m in metas)})")
-    if differ(6, 7):
+                        table(("B", "H", "L_local", "L", "D")) + ")")
+    elif sum(L_locals) != int(metas[0].L):
+        problems.append(f"the ranks' blocks of rows must add up to L = {int(metas[0].L)}, got L_local = "
+                        f"{L_locals} (sum {sum(L_locals)})")
+    if differ("dtype_code"):
         names = {c: str(dt).replace("torch.", "") for dt, c in _DTYPE_CODES.items()}
         problems.append("the dtype must be the same on every rank (" +
-                        ", ".join(f"rank {r}: {names[int(m[6])]}" for r, m in enumerate(metas)) + ")")
-    if differ(7, 8):
+                        ", ".join(f"rank {r}: {names[int(m.dtype_code)]}" for r, m in enumerate(metas)) + ")")
+    if differ("has_mask"):
         problems.append("mask must be given on every rank or on none (given on ranks "
-                        f"{[r for r, m in enumerate(metas) if m[7]]})")
-    if differ(8, 9):
+                        f"{[r for r, m in enumerate(metas) if m.has_mask]})")
+    if differ("bias_needs_grad"):
         problems.append("bias must require grad (with grad mode on) on every rank or on none: the backward "
-                        f"all-reduces its gradient (it does on ranks {[r for r, m in enumerate(metas) if m[8]]})")
-    if differ(9, 10):
+                        f"all-reduces its gradient (it does on ranks "
+                        f"{[r for r, m in enumerate(metas) if m.bias_needs_grad]})")
+    if differ("scale"):
         problems.append("scale must be the same on every rank (" +
-                        ", ".join(f"rank {r}: {m[9]!r}" for r, m in enumerate(metas)) + ")")
+                        ", ".join(f"rank {r}: {m.scale!r}" for r, m in enumerate(metas)) + ")")
     if problems:
         raise ValueError(f"{_NAME}: the {world} ranks' inputs do not fit together (this is rank {rank}): " +
                          "; ".join(problems))

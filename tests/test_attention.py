@@ -16,7 +16,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flash_tt_attn import attention, ops
+from flash_tt_attn import attention, ops, tuning
 from flash_tt_attn.reference import attention_chunked, attention_reference
 
 DTYPE_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.float64: 1e-12}
@@ -173,10 +173,11 @@ def test_non_contiguous_inputs():
 def test_every_rows_per_program_variant_of_the_forward(monkeypatch, rows, pipeline_all_loads):
     """The forward handles 1, 2 or 4 rows i per program; L = 5 leaves a partial last group."""
     cfg = ops.LaunchConfig(16, 16, 1, 2, rows=rows, pipeline_all_loads=pipeline_all_loads)
-    monkeypatch.setattr(ops, "forward_config", lambda *args: cfg)
     q, k, v, bias, mask = make_inputs(1, 2, 5, 16, torch.float32, masked=True)
     want = attention_reference(q.double(), k.double(), v.double(), bias.double(), 0.5, mask)
-    torch.testing.assert_close(attention(q, k, v, bias, 0.5, mask=mask).double(), want, rtol=2e-5, atol=2e-6)
+    with ops.override(configs={"forward": cfg}):
+        got = attention(q, k, v, bias, 0.5, mask=mask)
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("rows", [1, 2])
@@ -184,12 +185,10 @@ def test_every_rows_per_program_variant_of_the_forward(monkeypatch, rows, pipeli
 def test_every_rows_per_program_variant_of_the_backward(monkeypatch, rows, pipeline_all_loads):
     """dq and dk/dv kernels handle 1 or 2 rows i per program; L = 5 leaves a lone last row."""
     cfg = ops.LaunchConfig(16, 16, 1, 2, rows=rows, pipeline_all_loads=pipeline_all_loads)
-    monkeypatch.setattr(ops, "dq_config", lambda *args: cfg)
-    monkeypatch.setattr(ops, "dkdv_config", lambda *args: cfg)
-    monkeypatch.setattr(ops, "dbias_config", lambda *args: cfg)
     q, k, v, bias, mask = make_inputs(1, 2, 5, 16, torch.float32, masked=True)
     dout = torch.randn_like(q)
-    got = forward_and_grads(attention, q, k, v, bias, dout, scale=0.5, mask=mask)
+    with ops.override(configs={"dq": cfg, "dkdv": cfg, "dbias": cfg}):
+        got = forward_and_grads(attention, q, k, v, bias, dout, scale=0.5, mask=mask)
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, scale=0.5, mask=mask), torch.float32)
 
 
@@ -199,11 +198,10 @@ def test_configs_that_leave_the_operand_unscaled(monkeypatch):
     unscaled = ops.LaunchConfig(16, 16, 1, 2, pipeline_all_loads=True, prescale=False)
     common = dict(ops.backward_constants(torch.float32, torch.device("cpu"), 16, False, 0.25))
     assert common["Q_PRESCALED"] and not ops._prescaled(common, unscaled)["Q_PRESCALED"]
-    for chooser in ("forward_config", "dq_config", "dkdv_config"):
-        monkeypatch.setattr(ops, chooser, lambda *args: unscaled)
     q, k, v, bias, mask = make_inputs(1, 2, 7, 16, torch.float32, masked=True)
     dout = torch.randn_like(q)
-    got = forward_and_grads(attention, q, k, v, bias, dout, scale=0.25, mask=mask)
+    with ops.override(configs={"forward": unscaled, "dq": unscaled, "dkdv": unscaled}):
+        got = forward_and_grads(attention, q, k, v, bias, dout, scale=0.25, mask=mask)
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, scale=0.25, mask=mask), torch.float32)
 
 
@@ -212,13 +210,13 @@ def test_dkdv_reading_a_key_major_copy_of_the_bias(monkeypatch, bias_view):
     """key_major_bias: dk/dv read bias[j, k] through a key-major copy (none is made when the bias already
     is key-major, as the ending node's transposed view is); the gradients must not change."""
     cfg = ops.LaunchConfig(16, 16, 1, 2, key_major_bias=True, max_registers=128)  # a launch option only
-    monkeypatch.setattr(ops, "dkdv_config", lambda *args: cfg)
     q, k, v, bias, mask = make_inputs(1, 2, 7, 16, torch.float32, masked=True)
     if bias_view == "transposed_view":
         bias = bias.mT.contiguous().mT
         assert bias.stride(-2) == 1 and bias.clone().stride(-2) == 1  # forward_and_grads clones it
     dout = torch.randn_like(q)
-    got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
+    with ops.override(configs={"dkdv": cfg}):
+        got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float32)
 
 
@@ -238,69 +236,71 @@ def test_traced_launches_of_register_capped_configs_run_serialized():
 
 
 @pytest.mark.parametrize("max_shared_memory", [232_448, 166_912, 101_376], ids=["H100", "A100", "L4"])
-def test_configs_needing_more_shared_memory_than_the_gpu_has_are_not_chosen(monkeypatch, max_shared_memory):
-    """A chooser picks one of ops.LARGE_CONFIGS only where the GPU's shared memory per program (its limit as
-    Triton reports it) holds it: every one of them on an H100, where they were tuned, none on an L4."""
-    monkeypatch.setattr(ops, "_max_shared_memory", lambda index: max_shared_memory)
+def test_configs_needing_more_shared_memory_than_the_gpu_has_are_not_chosen(max_shared_memory):
+    """The tuning table's large configs are chosen only where the GPU's shared memory per program (its limit
+    as Triton reports it) holds them: every one of them on an H100, where they were tuned, none on an L4."""
     gpu = torch.device("cuda", 0)  # a device object only: nothing runs
-    for (name, head_dim), (large, needed) in ops.LARGE_CONFIGS.items():
+    larges = [(kernel, head_dims, entry.large) for (kernel, head_dims, _), entry in tuning.TABLE.items()
+              if entry.large is not None]
+    assert {(kernel, head_dims) for kernel, head_dims, _ in larges} == {
+        ("forward", "128"), ("dq", "128"), ("dbias", "64"), ("dbias", "128")}
+    for kernel, head_dims, (large, needed) in larges:
+        head_dim = 128 if head_dims == "128" else 64
         for dtype in (torch.float16, torch.bfloat16):
-            with set_wrap_triton_enabled(False):  # as inside the custom op's eager call
-                chosen = getattr(ops, f"{name}_config")(512, head_dim, dtype, gpu)
-            assert (chosen == large) == (needed <= max_shared_memory), (name, head_dim, dtype)
+            with ops.override(shared_memory_per_program=max_shared_memory), set_wrap_triton_enabled(False):
+                chosen = ops.launch_config(kernel, 512, head_dim, dtype, gpu)
+            assert (chosen == large) == (needed <= max_shared_memory), (kernel, head_dim, dtype)
 
 
-@pytest.mark.parametrize("chooser,head_dim", [("forward_config", 64), ("dq_config", 128)])
-def test_traced_launches_of_register_capped_tiles_get_uncapped_ones(monkeypatch, chooser, head_dim):
+@pytest.mark.parametrize("kernel,head_dim", [("forward", 64), ("dq", 128)])
+def test_traced_launches_of_register_capped_tiles_get_uncapped_ones(kernel, head_dim):
     """Tiles that rely on a register cap, which a traced launch (torch.compile) cannot carry: traced launches get
     uncapped tiles with the same key blocks and arithmetic per query (for dq at D = 128, the tiles that GPUs
     with less shared memory get)."""
-    monkeypatch.setattr(ops, "_max_shared_memory", lambda index: 232_448)  # an H100's
     gpu = torch.device("cuda", 0)  # a device object only: nothing runs
-    choose = getattr(ops, chooser)
-    with set_wrap_triton_enabled(False):
-        eager = choose(512, head_dim, torch.bfloat16, gpu)
-    with set_wrap_triton_enabled(True):
-        traced = choose(512, head_dim, torch.bfloat16, gpu)
+    with ops.override(shared_memory_per_program=232_448):  # an H100's
+        with set_wrap_triton_enabled(False):
+            eager = ops.launch_config(kernel, 512, head_dim, torch.bfloat16, gpu)
+        with set_wrap_triton_enabled(True):
+            traced = ops.launch_config(kernel, 512, head_dim, torch.bfloat16, gpu)
     assert eager.max_registers is not None and traced.max_registers is None
     assert (traced.block_k, traced.prescale, traced.rows) == (eager.block_k, eager.prescale, eager.rows)
-    if (chooser, head_dim) == ("dq_config", 128):
-        assert eager == ops.LARGE_CONFIGS["dq", 128][0]
-        monkeypatch.setattr(ops, "_max_shared_memory", lambda index: 101_376)  # an L4's
-        with set_wrap_triton_enabled(False):
-            assert choose(512, head_dim, torch.bfloat16, gpu) == traced
+    if (kernel, head_dim) == ("dq", 128):
+        assert eager == tuning.TABLE["dq", "128", "16-bit"].large.config
+        with ops.override(shared_memory_per_program=101_376), set_wrap_triton_enabled(False):  # an L4's
+            assert ops.launch_config(kernel, 512, head_dim, torch.bfloat16, gpu) == traced
 
 
 def test_bias_gradient_on_tiles_wider_than_tall(monkeypatch):
     """Tiles of 16 queries by 32 keys (the GPU's 64×128 in miniature), L = 37 leaving partial tiles both ways."""
     cfg = ops.LaunchConfig(16, 32, 8, 3, pipeline_all_loads=True)
-    monkeypatch.setattr(ops, "dbias_config", lambda *args: cfg)
     q, k, v, bias, mask = make_inputs(1, 2, 37, 16, torch.float32, masked=True)
     dout = torch.randn_like(q)
-    got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
+    with ops.override(configs={"dbias": cfg}):
+        got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float32)
 
 
 @pytest.mark.parametrize("splits", [1, 3])
 def test_bias_gradient_with_one_or_several_row_splits(monkeypatch, splits):
     """One split writes dbias in bias's dtype directly; several are fp32 partial sums reduced in order."""
-    monkeypatch.setattr(ops, "dbias_splits", lambda *args: splits)
     q, k, v, bias, mask = make_inputs(1, 2, 7, 16, torch.float16, masked=True)
     dout = torch.randn_like(q)
-    got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
+    with ops.override(dbias_splits=splits):
+        got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float16)
 
 
 @pytest.mark.parametrize("unscaled", [False, True], ids=["prescaled_q", "unscaled"])
 @pytest.mark.parametrize("scale", [0.0, -0.7, 2.0])
-def test_bias_gradient_scores_at_zero_negative_and_large_scales(monkeypatch, unscaled, scale):
+def test_bias_gradient_scores_at_zero_negative_and_large_scales(unscaled, scale):
     """The bias gradient's two ways to its scores (unscaled q·kᵀ with bias/scale as the accumulator, or q
     prescaled) give the reference: at scale 0 (which the first cannot divide by, so it is not used), a
     negative scale, and a scale above 1 in fp16 (q·scale could overflow, so q is not prescaled)."""
-    monkeypatch.setattr(ops, "DBIAS_UNSCALED_SCORES", unscaled)
     q, k, v, bias, mask = make_inputs(1, 2, 5, 16, torch.float16, masked=True)
     dout = torch.randn_like(q)
-    got = forward_and_grads(attention, q, k, v, bias, dout, scale=scale, mask=mask)
+    with ops.override(dbias_unscaled_scores=unscaled):
+        got = forward_and_grads(attention, q, k, v, bias, dout, scale=scale, mask=mask)
     want = reference_fp64(q, k, v, bias, dout, scale=scale, mask=mask)
     assert_close_to_reference(got, want, torch.float16)
 
@@ -329,34 +329,34 @@ def _output_and_gradients(q, k, v, bias, mask, dout) -> tuple[str, list[torch.Te
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_plain_eager_calls_skip_the_custom_op_and_give_its_bits(monkeypatch, masked):
+def test_plain_eager_calls_skip_the_custom_op_and_give_its_bits(masked):
     """Plain eager calls launch through ops.DirectAttention rather than the custom op (less host time per
     call); both run the same launchers, so outputs and gradients are bitwise equal."""
     q, k, v, bias, mask = make_inputs(1, 2, 9, 16, torch.float16, masked=masked)
     dout = torch.randn_like(q)
     direct_node, direct = _output_and_gradients(q, k, v, bias, mask, dout)
-    monkeypatch.setattr(ops, "DIRECT_EAGER_CALLS", False)
-    op_node, via_op = _output_and_gradients(q, k, v, bias, mask, dout)
+    with ops.override(direct_eager_calls=False):
+        op_node, via_op = _output_and_gradients(q, k, v, bias, mask, dout)
     assert direct_node == "DirectAttentionBackward" and "flash_tt_attn_attention_fwd" in op_node
     for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), direct, via_op, strict=True):
         assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "custom-op"])
-def test_second_derivatives_are_refused(monkeypatch, direct):
+def test_second_derivatives_are_refused(direct):
     """create_graph=True gives first derivatives; differentiating them again raises rather than silently
     treating them as constants."""
-    monkeypatch.setattr(ops, "DIRECT_EAGER_CALLS", direct)
     q, k, v, bias, _ = make_inputs(1, 1, 4, 16, torch.float32)
     ins = [t.requires_grad_() for t in (q, k, v, bias)]
     dout = torch.randn_like(q)
-    dq = torch.autograd.grad(attention(*ins), ins, dout, create_graph=True)[0]
-    assert torch.equal(dq.detach(), torch.autograd.grad(attention(*ins), ins, dout)[0])
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        dq.sum().backward()
+    with ops.override(direct_eager_calls=direct):
+        dq = torch.autograd.grad(attention(*ins), ins, dout, create_graph=True)[0]
+        assert torch.equal(dq.detach(), torch.autograd.grad(attention(*ins), ins, dout)[0])
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            dq.sum().backward()
 
 
-def test_only_plain_eager_calls_skip_the_custom_op(monkeypatch):
+def test_only_plain_eager_calls_skip_the_custom_op():
     """Fake tensors (opcheck, Inductor), dispatch modes (make_fx) and functorch transforms keep the custom op."""
     q, k, v, bias, mask = make_inputs(1, 1, 4, 16, torch.float32, masked=True)
     assert ops.direct_call_allowed(q, k, v, torch.nn.Parameter(bias), mask)
@@ -368,8 +368,9 @@ def test_only_plain_eager_calls_skip_the_custom_op(monkeypatch):
     seen = []
     torch.func.grad(lambda x: seen.append(ops.direct_call_allowed(x)) or x.sum())(q)
     assert seen == [False]
-    monkeypatch.setattr(ops, "DIRECT_EAGER_CALLS", False)
-    assert not ops.direct_call_allowed(q, k, v, bias, mask)
+    with ops.override(direct_eager_calls=False):
+        assert not ops.direct_call_allowed(q, k, v, bias, mask)
+    assert ops.direct_call_allowed(q, k, v, bias, mask)  # the override ends with its block
 
 
 def test_row_block_op_matches_rows_of_full_call():
@@ -455,13 +456,13 @@ def test_offsets_inside_a_row_switch_to_int64_when_int32_would_overflow():
     """Strides are the caller's: a permuted or sliced view can make (L-1)·stride exceed 2³¹ - 1."""
     small = torch.empty_strided((1, 1, 8, 8, 16), (1024, 1024, 128, 16, 1), device="meta")
     huge = torch.empty_strided((1, 1, 8, 8, 16), (0, 0, 16, 2**29, 1), device="meta")
-    assert ops._row_offset_dtype(8, 16, small.stride(), small.stride()) == tl.int32
-    assert ops._row_offset_dtype(8, 16, small.stride(), huge.stride()) == tl.int64
+    assert ops.row_offset_dtype(8, 16, small.stride(), small.stride()) == tl.int32
+    assert ops.row_offset_dtype(8, 16, small.stride(), huge.stride()) == tl.int64
 
 
-def test_int64_row_offsets_give_the_same_gradients(monkeypatch):
-    monkeypatch.setattr(ops, "_row_offset_dtype", lambda *args: tl.int64)
+def test_int64_row_offsets_give_the_same_gradients():
     q, k, v, bias, mask = make_inputs(1, 2, 5, 16, torch.float32, masked=True)
     dout = torch.randn_like(q)
-    got = forward_and_grads(attention, q, k, v, bias, dout, scale=0.5, mask=mask)
+    with ops.override(row_offset_dtype=tl.int64):
+        got = forward_and_grads(attention, q, k, v, bias, dout, scale=0.5, mask=mask)
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, scale=0.5, mask=mask), torch.float32)

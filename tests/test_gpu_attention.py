@@ -6,7 +6,7 @@ import torch
 from helpers import forward_and_grads
 from torch._library.triton import set_wrap_triton_enabled
 
-from flash_tt_attn import attention, ops
+from flash_tt_attn import attention, ops, tuning
 from flash_tt_attn.reference import attention_chunked
 
 pytestmark = pytest.mark.gpu
@@ -56,15 +56,14 @@ GPU_SHARED_MEMORY = {"A100": 166_912, "L4": 101_376}  # bytes per program, as Tr
 
 @pytest.mark.parametrize("gpu", GPU_SHARED_MEMORY)
 @pytest.mark.parametrize("B,H,L,D,dtype,masked", [CASES[2], CASES[3]])
-def test_configs_for_gpus_with_less_shared_memory(monkeypatch, gpu, B, H, L, D, dtype, masked):
-    """The configs an A100 or an L4 gets in place of the H100's larger ones (ops.LARGE_CONFIGS), run here."""
-    monkeypatch.setattr(ops, "_max_shared_memory", lambda index: GPU_SHARED_MEMORY[gpu])
-    with set_wrap_triton_enabled(False):  # as inside the custom op's eager call
-        chosen = [choose(L, D, dtype, torch.device("cuda"))
-                  for choose in (ops.forward_config, ops.dq_config, ops.dkdv_config, ops.dbias_config)]
-    assert all(cfg != large for cfg in chosen for large, needed in ops.LARGE_CONFIGS.values()
-               if needed > GPU_SHARED_MEMORY[gpu])
-    test_kernels_match_fp64_reference(B, H, L, D, dtype, masked)
+def test_configs_for_gpus_with_less_shared_memory(gpu, B, H, L, D, dtype, masked):
+    """The configs an A100 or an L4 gets in place of the H100's larger ones (tuning.TABLE's large), run here."""
+    with ops.override(shared_memory_per_program=GPU_SHARED_MEMORY[gpu]):
+        with set_wrap_triton_enabled(False):  # as inside the custom op's eager call
+            chosen = [ops.launch_config(kernel, L, D, dtype, torch.device("cuda")) for kernel in tuning.KERNELS]
+        assert all(cfg != entry.large.config for cfg in chosen for entry in tuning.TABLE.values()
+                   if entry.large is not None and entry.large.shared_memory > GPU_SHARED_MEMORY[gpu])
+        test_kernels_match_fp64_reference(B, H, L, D, dtype, masked)
 
 
 def test_backward_is_bitwise_deterministic_over_20_calls():
@@ -86,9 +85,9 @@ def test_opcheck():
 
 @pytest.mark.parametrize("D", [32, 64, 128])
 def test_compile_fullgraph_matches_eager(D):
-    """Also at D = 64 and 128, whose config choosers ask the GPU for its shared memory (ops.LARGE_CONFIGS)
+    """Also at D = 64 and 128, whose config choosers ask the GPU for its shared memory (tuning.TABLE's large configs)
     while torch.compile traces the launch, and where a traced launch takes uncapped tiles in place of eager's
-    register-capped ones (ops._uncapped_when_traced): the bits must still match."""
+    register-capped ones (tuning.Entry.when_traced): the bits must still match."""
     q, k, v, bias, mask = _inputs(1, 2, 64, D, torch.bfloat16, True)
     dout = torch.randn_like(q)
     compiled = torch.compile(attention, fullgraph=True)
@@ -104,7 +103,7 @@ def test_compile_fullgraph_matches_eager(D):
 def test_cuda_graph_replay_gives_the_eager_bits(D):
     """Small calls are bound by the host's launch work (PERF.md, next step 8), which a CUDA graph removes: a
     forward+backward captured once and replayed on new values in the same tensors gives the eager call's bits.
-    D = 128 also asks the GPU for its shared memory while choosing tiles (ops.LARGE_CONFIGS)."""
+    D = 128 also asks the GPU for its shared memory while choosing tiles (tuning.TABLE's large configs)."""
     q, k, v, bias, mask = _inputs(1, 2, 64, D, torch.bfloat16, True)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
     dout = torch.randn_like(q)

@@ -56,10 +56,10 @@ def test_launch_cache_gives_tritons_bits(case):
 
 
 @pytest.mark.parametrize("case", CASES[:3], ids=["L128", "L100-mask-mis", "L77-D64-mis"])
-def test_direct_eager_calls_give_the_custom_ops_bits(monkeypatch, case):
+def test_direct_eager_calls_give_the_custom_ops_bits(case):
     direct = _outputs_and_gradients(*case)
-    monkeypatch.setattr(ops, "DIRECT_EAGER_CALLS", False)
-    via_op = _outputs_and_gradients(*case)
+    with ops.override(direct_eager_calls=False):
+        via_op = _outputs_and_gradients(*case)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), direct, via_op, strict=True):
         assert torch.equal(a, b), name
 

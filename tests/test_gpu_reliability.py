@@ -92,7 +92,7 @@ def assert_finite_blocked(name, t, block_rows=256):
 
 def dbias_split_count(B, H, L, D, dtype):
     """The number of fp32 partial sums the backward allocates for dbias, as ops.attention_bwd counts it."""
-    cfg = ops.dbias_config(L, D, dtype, torch.device(DEVICE))
+    cfg = ops.launch_config("dbias", L, D, dtype, torch.device(DEVICE))
     splits = ops.dbias_splits(B, H, L, L, D, cfg)
     return triton.cdiv(L, triton.cdiv(L, splits))
 
@@ -101,7 +101,7 @@ def predicted_peak_bytes(B, H, L, D, dtype, masked):
     """The O(L²) memory of one forward + backward, counted from before the inputs were made."""
     N, e = B * H * L * L, torch.finfo(dtype).bits // 8
     splits = dbias_split_count(B, H, L, D, dtype)
-    key_major = ops.dkdv_config(L, D, dtype, torch.device(DEVICE)).key_major_bias
+    key_major = ops.launch_config("dkdv", L, D, dtype, torch.device(DEVICE)).key_major_bias
     terms = {
         "q, k, v (inputs)": 3 * N * D * e,
         "dout (the upstream gradient, input)": N * D * e,

@@ -30,7 +30,7 @@ launch's num_stages) and ``ROW_OFFSET_DTYPE`` (int32 or int64) are explained in 
 import triton
 import triton.language as tl
 
-from .common import exp2, prescale, scores, settle
+from .common import LOG2E, exp2, prescale, scores, settle
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def _dq_row_step(q, do, lse, delta, k_ptrs, vt_ptrs, mask_ptrs, bias, dq, k_in, 
         k_tile = tl.load(k_ptrs)
         vt = tl.load(vt_ptrs)
     s = scores(q, tl.trans(k_tile), bias, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
-    p = exp2(s * 1.4426950408889634 - lse[:, None], FAST_EXP2)
+    p = exp2(s * LOG2E - lse[:, None], FAST_EXP2)
     if HAS_MASK:
         keep = tl.load(mask_ptrs, mask=k_in, other=0) != 0
         p = tl.where(keep[None, :], p, 0.0)
@@ -190,7 +190,7 @@ def _dkdv_row_step(k_tile, v_tile, keep, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, 
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
     st = scores(k_tile, tl.trans(q_tile), bias_t, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
-    pt = exp2(st * 1.4426950408889634 - lse[None, :], FAST_EXP2)
+    pt = exp2(st * LOG2E - lse[None, :], FAST_EXP2)
     if APPLY_KEEP:
         pt = tl.where(keep[:, None], pt, 0.0)
     dv += tl.dot(pt.to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -396,10 +396,10 @@ def attention_bwd_dbias_kernel(
             delta = tl.load(DELTA + lse_offs, mask=j_in, other=0.0)
         if UNSCALED_SCORES:
             s_over_scale = tl.dot(q_tile, kt, acc=bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            p = exp2(s_over_scale * (scale * 1.4426950408889634) - lse[:, None], FAST_EXP2)
+            p = exp2(s_over_scale * (scale * LOG2E) - lse[:, None], FAST_EXP2)
         else:
             s = scores(prescale(q_tile, scale, Q_PRESCALED), kt, bias, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
-            p = exp2(s * 1.4426950408889634 - lse[:, None], FAST_EXP2)
+            p = exp2(s * LOG2E - lse[:, None], FAST_EXP2)
         if HAS_MASK:
             keep = tl.load(MASK + b * stride_mb + row * stride_mi + offs_k * stride_mk, mask=k_in, other=0) != 0
             p = tl.where(keep[None, :], p, 0.0)

@@ -9,6 +9,9 @@ float comes back as an fp32 value, and the fp64 path must keep the scale at full
 import triton
 import triton.language as tl
 
+# log2(e): the kernels keep their softmax in base 2 (exp(x) = 2**(x·LOG2E)), so exp2 is the only exponential.
+LOG2E = tl.constexpr(1.4426950408889634)
+
 
 @triton.jit
 def exp2(x, FAST: tl.constexpr):

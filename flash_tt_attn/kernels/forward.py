@@ -19,7 +19,7 @@ ROW_OFFSET_DTYPE is int32 when the offsets inside a row fit.
 import triton
 import triton.language as tl
 
-from .common import exp2, prescale, scores
+from .common import LOG2E, exp2, prescale, scores
 
 
 @triton.jit
@@ -53,9 +53,9 @@ def _online_softmax_update(s, v_ptrs, m_i, l_i, acc, k_in, LOAD_MASKED: tl.const
     """The running max and sum and the output accumulator of one row, after its scores s of one key block."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with no admitted key so far keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new) * 1.4426950408889634
-    p = exp2(s * 1.4426950408889634 - m_shift[:, None], FAST_EXP2)
-    alpha = exp2(m_i * 1.4426950408889634 - m_shift, FAST_EXP2)
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E
+    p = exp2(s * LOG2E - m_shift[:, None], FAST_EXP2)
+    alpha = exp2(m_i * LOG2E - m_shift, FAST_EXP2)
     l_i = l_i * alpha + tl.sum(p, 1)
     if LOAD_MASKED:
         v_tile = tl.load(v_ptrs, mask=k_in[:, None], other=0.0)
@@ -87,7 +87,7 @@ def _finish_row(m_i, l_i, acc, o_ptrs, lse_ptrs, store_mask, lse_mask, OUT_DTYPE
     # One reciprocal per row and a multiply per element: `acc / l_safe[:, None]` would divide every element
     # through div.full.f32 and repeat its range fix-ups for each (80 more instructions per program at D=32).
     out = acc * (1.0 / l_safe)[:, None]
-    m_final = tl.where(m_i == float("-inf"), 0.0, m_i) * 1.4426950408889634
+    m_final = tl.where(m_i == float("-inf"), 0.0, m_i) * LOG2E
     # Base-2 log-sum-exp of the natural-log scores times log2(e). Fully excluded rows
     # store +inf, so the backward's exp2(s·log2(e) - lse) is 0 there.
     lse = tl.where(has_keys, m_final + tl.log2(l_safe), float("inf"))
@@ -169,7 +169,7 @@ def attention_fwd_kernel(
         else:
             bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0).to(ACC_DTYPE)
         # Every row's q·kᵀ product first, then every row's softmax: the rows' exponentials and reductions
-        # are then independent work in one stretch of code, which the compiler interleaves (probe 11).
+        # are then independent work in one stretch of code, which the compiler interleaves.
         s0, kin0 = _row_scores(q0, k_base + row0 * stride_ki + kt_rel, bias, mask_base + row0 * stride_mi + mask_rel,
                                k_in, k_in, scale, False, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
         if ROWS >= 2:
