@@ -1,6 +1,6 @@
 """Scaling benchmark of flash_tt_attn.distributed.attention (rows i split over the ranks), under torchrun.
 
-    torchrun --standalone --nproc-per-node 4 experiments/scripts/distributed_scaling.py \\
+    torchrun --standalone --nproc-per-node 4 experiments/tools/distributed_scaling.py \\
         experiments/distributed/distributed-scaling.yaml [--logs-dir experiments/logs] [--force] [--dry-run]
 
 One run measures every point of the spec at the world size torchrun gives it (NCCL on CUDA, one
@@ -253,7 +253,7 @@ def _coll_device(device):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("spec", help="path of the spec, e.g. experiments/distributed/distributed-scaling.yaml")
     ap.add_argument("--logs-dir", default="experiments/logs")
     ap.add_argument("--force", action="store_true", help="measure points the log already holds")

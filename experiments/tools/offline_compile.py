@@ -6,10 +6,12 @@ with the GPU's Triton version (3.6) will do. With --warp-specialize every main l
 ``tl.range(..., warp_specialize=True)`` (Triton's automatic warp specialization) in a patched copy of the
 kernels; PERF.md records that Triton 3.6 fails on all four kernels then.
 
-Usage: python experiments/scripts/offline_compile.py [--warp-specialize]
+Usage: python experiments/tools/offline_compile.py [--warp-specialize] [--kernel NAME ...]
 """
 
+import argparse
 import importlib.util
+import os
 import pathlib
 import re
 import shutil
@@ -17,12 +19,17 @@ import sys
 import tempfile
 import types
 
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+# The interpreter (TRITON_INTERPRET=1, as the CPU tests set it) would hand back interpreted functions, which
+# triton.compile cannot compile: this script always compiles.
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
 KERNELS = pathlib.Path(__file__).resolve().parents[2] / "flash_tt_attn" / "kernels"
+KERNEL_NAMES = ("forward", "dq", "dkdv", "dbias")
 B, H, L, D = 4, 8, 512, 32  # the shipped D = 32 configs: 64×64 tiles, 4 warps, 3 stages, every load pipelined
 
 
@@ -82,8 +89,15 @@ def compile_one(fn, constexprs, key_major_bias=False):
     return triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 3})
 
 
-def main():
-    warp_specialize = "--warp-specialize" in sys.argv
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap.add_argument("--warp-specialize", action="store_true",
+                    help="compile a copy whose main loops ask for Triton's automatic warp specialization")
+    ap.add_argument("--kernel", action="append", choices=KERNEL_NAMES,
+                    help="compile only this kernel (repeatable); default: all four")
+    args = ap.parse_args(argv)
+    warp_specialize = args.warp_specialize
+    failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         directory = pathlib.Path(tmp)
         for f in KERNELS.glob("*.py"):
@@ -103,12 +117,16 @@ def main():
             "dbias": (kernels["backward"].attention_bwd_dbias_kernel, dict(UNSCALED_SCORES=True)),
         }
         for name, (fn, extra) in cases.items():
+            if args.kernel and name not in args.kernel:
+                continue
             try:
                 compiled = compile_one(fn, {**common, **extra}, key_major_bias=name == "dkdv")
                 print(f"{name}: compiled ({compiled.metadata.shared} bytes of shared memory)", flush=True)
             except Exception as error:  # noqa: BLE001 - report every kernel
                 print(f"{name}: FAILED ({type(error).__name__}: {str(error).splitlines()[0][:120]})", flush=True)
+                failed += 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
