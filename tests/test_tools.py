@@ -1,7 +1,7 @@
 """Smoke runs of the maintained scripts in experiments/tools/ on CPU (issue 23: every script that stays is run by a
 CPU test). Each one's --help, and a small real run where the script has a CPU mode: offline_compile compiles one
 kernel for sm_90 without a GPU, distributed_scaling measures a tiny spec with gloo at world size 1, compile_bitwise
-compares compiled and eager calls on the CPU path."""
+compares compiled and eager calls on the CPU path, readme_results checks the README's results table."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def _run(script: str, *args, env=None, timeout=600) -> subprocess.CompletedProce
                           cwd=ROOT, env=environ, timeout=timeout, check=False)
 
 
-def test_the_tools_are_the_maintained_three():
-    assert SCRIPTS == ["compile_bitwise.py", "distributed_scaling.py", "offline_compile.py"]
+def test_the_tools_are_the_maintained_four():
+    assert SCRIPTS == ["compile_bitwise.py", "distributed_scaling.py", "offline_compile.py", "readme_results.py"]
     assert not (ROOT / "experiments" / "scripts").exists() and not (ROOT / "experiments" / "tuning").exists()
 
 
@@ -89,3 +89,9 @@ def test_compile_bitwise_on_cpu():
                   "float32", env={"TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("compile_vs_eager_bitwise ["), result.stdout
+
+
+def test_readme_results_check():
+    result = _run("readme_results.py", "--check", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "up to date" in result.stdout
