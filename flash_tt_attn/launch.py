@@ -16,6 +16,11 @@ arguments: a silent wrong result):
 - the constexpr and launch keyword arguments (tile sizes, dtypes, num_warps, ...): their values and types;
 - the current CUDA device (Triton caches compiled kernels per device).
 
+A caller that keeps its scalars and constants in a fixed plan (flash_tt_attn/ops.py does, one per call
+signature) passes the plan's unique ``plan_key`` instead, and only the tensors are looked at per launch. A hit
+whose launcher needs no scratch memory calls the launcher's C function directly, with the arguments its Python
+``__call__`` would pass (no scratch buffers).
+
 tests/test_launch.py checks the key against Triton's own specialization function on the cases that
 matter (misaligned views, sizes not divisible by 16, strides of 1, 64-bit values). A miss, or any call
 the fast path does not cover (the interpreter, a launch hook such as a profiler's, a Triton version this
@@ -26,6 +31,7 @@ compiled kernel that Triton launched for that key, with Triton's own launcher.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -97,13 +103,19 @@ class FastLauncher:
             raise TypeError(f"{self.kernel.__name__}: no value for {missing}")
         return tuple(constants[n] if n in constants else self._defaults[n] for n in names)
 
-    def launch(self, grid: tuple, tensors: Sequence[torch.Tensor], scalars: tuple, constants: dict) -> None:
+    def launch(self, grid: tuple, tensors: Sequence[torch.Tensor], scalars: tuple, constants: dict,
+               plan_key: Optional[int] = None) -> None:
+        """``plan_key``, when given, stands for ``scalars`` and ``constants`` (a caller's identifier that is never
+        reused for other values), so that they need not be hashed on every launch."""
         runtime = knobs.runtime
         if not (self.enabled and _no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook)):
             self.kernel[grid](*tensors, *scalars, **constants)
             return
         device = self.current_device()
-        key = (device, call_key(tensors, scalars, constants))
+        if plan_key is None:
+            key = (device, call_key(tensors, scalars, constants))
+        else:
+            key = (device, plan_key, tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]))
         entry = self._cache.get(key)
         if entry is None:
             self.misses += 1
@@ -112,11 +124,35 @@ class FastLauncher:
                 if len(self._cache) >= MAX_ENTRIES:
                     self._cache.clear()
                 tail = self._tail(len(tensors) + len(scalars), constants)
-                self._cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
+                self._cache[key] = _CacheEntry.of(compiled, tail)
             return
         self.hits += 1
-        run, function, packed_metadata, tail = entry
-        stream = self.current_stream(device)
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
-        run(grid[0], g1, g2, stream, function, packed_metadata, None, None, None, *tensors, *scalars, *tail)
+        stream = self.current_stream(device)
+        if entry.c_launch is not None:  # the compiled launcher's C function, as its __call__ would call it
+            entry.c_launch(grid[0], g1, g2, stream, entry.function, entry.cooperative, entry.pdl, None, None,
+                           entry.packed_metadata, None, None, None, *tensors, *scalars, *entry.tail)
+        else:
+            entry.run(grid[0], g1, g2, stream, entry.function, entry.packed_metadata, None, None, None,
+                      *tensors, *scalars, *entry.tail)
+
+
+class _CacheEntry(NamedTuple):
+    run: object  # the compiled kernel's launcher (Triton 3.6: a CudaLauncher)
+    function: object
+    packed_metadata: object
+    tail: tuple
+    c_launch: object  # the launcher's C function when it needs no scratch memory, else None
+    cooperative: object
+    pdl: object
+
+    @classmethod
+    def of(cls, compiled, tail: tuple) -> _CacheEntry:
+        run = compiled.run
+        c_launch = getattr(run, "launch", None)
+        no_scratch = getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0
+        if not (no_scratch and getattr(run, "num_ctas", 1) == 1 and callable(c_launch)):
+            c_launch = None
+        return cls(run, compiled.function, compiled.packed_metadata, tail, c_launch,
+                   getattr(run, "launch_cooperative_grid", None), getattr(run, "launch_pdl", None))

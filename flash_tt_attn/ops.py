@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -204,7 +205,7 @@ def _launch(kernel, plan: LaunchPlan, tensors: tuple) -> None:
     if _launch_is_traced():
         wrap_triton(kernel)[plan.grid](*tensors, *plan.scalars, **plan.constants)
     else:
-        _LAUNCHERS[kernel].launch(plan.grid, tensors, plan.scalars, plan.constants)
+        _LAUNCHERS[kernel].launch(plan.grid, tensors, plan.scalars, plan.constants, plan.key)
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -249,11 +250,20 @@ def _contiguous_strides(shape) -> tuple:
 
 
 class LaunchPlan(NamedTuple):
-    """One kernel launch with everything but its tensors: ``kernel[grid](*tensors, *scalars, **constants)``."""
+    """One kernel launch with everything but its tensors: ``kernel[grid](*tensors, *scalars, **constants)``.
+    ``key`` identifies this plan's scalars and constants for the launch cache; no other plan has it."""
 
     grid: tuple
     scalars: tuple
     constants: dict
+    key: int
+
+
+_PLAN_KEYS = itertools.count()
+
+
+def _launch_plan(grid: tuple, scalars: tuple, constants: dict) -> LaunchPlan:
+    return LaunchPlan(grid, scalars, constants, next(_PLAN_KEYS))
 
 
 class BiasGradientPlan(NamedTuple):
@@ -303,7 +313,7 @@ def _forward_plan(shape, q_s, k_s, v_s, bias_s, mask_s, has_mask, dtype, device,
         ACC_DTYPE=_acc_dtype(dtype), DOT_PRECISION=_dot_precision(dtype),
         FAST_EXP2=_fast_exp2(dtype, device), ROW_OFFSET_DTYPE=row_offset_dtype(L, D, k_s, v_s),
         **_launch_options(cfg))
-    return LaunchPlan(grid, scalars, constants)
+    return _launch_plan(grid, scalars, constants)
 
 
 def launch_forward(q, k, v, bias, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,7 +353,7 @@ def _dq_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, dtype, device,
     constants = dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=row_offset_dtype(L, D, k_s, v_s),
                      SETTLE=_settle(dtype, device, cfg), **_prescaled(dict(common), cfg), **_tile_args(L, cfg),
                      **_launch_options(cfg))
-    return LaunchPlan(grid, scalars, constants)
+    return _launch_plan(grid, scalars, constants)
 
 
 def _dbias_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common):
@@ -365,9 +375,9 @@ def _dbias_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, sca
     split_sum = None
     if splits > 1:
         n_elements = B * H * L * L
-        split_sum = LaunchPlan((cdiv(n_elements, SUM_BLOCK),), (n_elements, splits),
-                               dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK=SUM_BLOCK))
-    return BiasGradientPlan(partial_shape, partial_dtype, LaunchPlan(grid, scalars, constants), split_sum)
+        split_sum = _launch_plan((cdiv(n_elements, SUM_BLOCK),), (n_elements, splits),
+                                 dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK=SUM_BLOCK))
+    return BiasGradientPlan(partial_shape, partial_dtype, _launch_plan(grid, scalars, constants), split_sum)
 
 
 def _dkdv_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common):
@@ -384,7 +394,7 @@ def _dkdv_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scal
     constants = dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=row_offset_dtype(L, D, q_s, dout_s),
                      SETTLE=_settle(dtype, device, cfg), **_prescaled(dict(common), cfg), **_tile_args(L, cfg),
                      **_launch_options(cfg))
-    return KeyValueGradientPlan(cfg.key_major_bias, LaunchPlan(grid, scalars, constants))
+    return KeyValueGradientPlan(cfg.key_major_bias, _launch_plan(grid, scalars, constants))
 
 
 def backward_constants(dtype: torch.dtype, device: torch.device, head_dim: int, has_mask: bool,
@@ -393,6 +403,20 @@ def backward_constants(dtype: torch.dtype, device: torch.device, head_dim: int, 
     return (("HAS_MASK", has_mask), ("Q_PRESCALED", _q_prescaled(dtype, scale)), ("HEAD_DIM", head_dim),
             ("ACC_DTYPE", _acc_dtype(dtype)), ("DOT_PRECISION", _dot_precision(dtype)),
             ("FAST_EXP2", _fast_exp2(dtype, device)))
+
+
+class BackwardPlan(NamedTuple):
+    dq: LaunchPlan
+    dbias: BiasGradientPlan
+    dkdv: KeyValueGradientPlan
+
+
+def _backward_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, has_mask, dtype, device, scale):
+    common = backward_constants(dtype, device, shape[-1], has_mask, scale)
+    return BackwardPlan(
+        _dq_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, dtype, device, scale, common),
+        _dbias_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common),
+        _dkdv_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common))
 
 
 def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float) -> tuple[torch.Tensor, ...]:
@@ -409,16 +433,15 @@ def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float) -> tuple[
         empty = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
         return empty[0], empty[1], empty[2], torch.zeros_like(bias)
     mask_t, mask_s, has_mask = _mask_args(mask, q)
-    dtype, device = q.dtype, q.device
-    common = backward_constants(dtype, device, D, has_mask, scale)
-    shape, q_s, k_s, v_s, dout_s, bias_s = q.shape, q.stride(), k.stride(), v.stride(), dout.stride(), bias.stride()
+    device = q.device
+    plans = _plan(_backward_plan, q.shape, q.stride(), k.stride(), v.stride(), out.stride(), dout.stride(),
+                  bias.stride(), mask_s, has_mask, q.dtype, device, scale)
 
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dq_plan = _plan(_dq_plan, shape, q_s, k_s, v_s, out.stride(), dout_s, bias_s, mask_s, dtype, device, scale, common)
     # dq, and delta = rowsum(dO · O) into delta for the two kernels that follow.
-    _launch(attention_bwd_dq_kernel, dq_plan, (q, k, v, bias, mask_t, out, dout, lse, delta, dq))
-    dbias_plan = _plan(_dbias_plan, shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common)
+    _launch(attention_bwd_dq_kernel, plans.dq, (q, k, v, bias, mask_t, out, dout, lse, delta, dq))
+    dbias_plan = plans.dbias
 
     def bias_gradient():
         partial = torch.empty(dbias_plan.partial_shape, dtype=dbias_plan.partial_dtype, device=device)
@@ -431,7 +454,7 @@ def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float) -> tuple[
         return dbias
 
     def key_and_value_gradients():
-        plan = _plan(_dkdv_plan, shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common)
+        plan = plans.dkdv
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
         # The same bias values, strided key-major (a copy unless it already is, as for the ending node's

@@ -70,7 +70,7 @@ class FakeKernel:
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             self.log.append(("triton", grid, args, kwargs))
-            return FakeCompiled(self.log)
+            return getattr(self, "compiled", None) or FakeCompiled(self.log)
         return run
 
 
@@ -149,3 +149,49 @@ def test_only_checked_triton_versions_skip_the_binder(monkeypatch):
     for version in ("3.5.1", "3.7.0", "3.9.0"):
         monkeypatch.setattr(launch.triton, "__version__", version)
         assert not launch._triton_is_checked()
+
+
+class FakeCudaLauncher:
+    """Triton 3.6's CudaLauncher as the cache uses it: its C ``launch`` function and scratch sizes."""
+
+    def __init__(self, log, scratch):
+        self.global_scratch_size = scratch
+        self.profile_scratch_size = 0
+        self.num_ctas = 1
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+        self.launch = lambda *args: log.append(("c_launch", args))
+        self.log = log
+
+    def __call__(self, *args):
+        self.log.append(("compiled", args))
+
+
+@pytest.mark.parametrize("scratch", [0, 256], ids=["no-scratch", "scratch"])
+def test_a_hit_calls_the_c_launcher_directly_only_when_no_scratch_memory_is_needed(scratch):
+    kernel = FakeKernel(["X", "n", "BLOCK"], defaults={})
+    kernel.compiled = FakeCompiled(kernel.log)
+    kernel.compiled.run = FakeCudaLauncher(kernel.log, scratch)
+    launcher = fake_launcher(kernel)
+    x = torch.zeros(8)
+    launcher.launch((2, 3), (x,), (8,), {"BLOCK": 8}, plan_key=7)
+    kernel.log.clear()
+    launcher.launch((2, 3), (x,), (8,), {"BLOCK": 8}, plan_key=7)
+    if scratch == 0:
+        # as CudaLauncher.__call__ would call it: grid, stream, function, cooperative, pdl, no scratch buffers,
+        # metadata, no launch metadata or hooks, then the arguments
+        assert kernel.log == [("c_launch", (2, 3, 1, 1234, "function", False, True, None, None, "metadata",
+                                            None, None, None, x, 8, 8))]
+    else:
+        assert kernel.log == [("compiled", (2, 3, 1, 1234, "function", "metadata", None, None, None, x, 8, 8))]
+
+
+def test_a_plan_key_stands_for_scalars_and_constants_but_not_for_the_tensors():
+    kernel = FakeKernel(["X", "n"], defaults={})
+    launcher = fake_launcher(kernel)
+    storage = torch.zeros(64)
+    launcher.launch((1,), (storage[:16],), (16,), {}, plan_key=1)
+    launcher.launch((1,), (storage[:16],), (16,), {}, plan_key=1)  # hit
+    launcher.launch((1,), (storage[1:17],), (16,), {}, plan_key=1)  # misaligned: a miss
+    launcher.launch((1,), (storage[:16].half(),), (16,), {}, plan_key=1)  # another dtype: a miss
+    launcher.launch((1,), (storage[:16],), (16,), {}, plan_key=2)  # another plan: a miss
+    assert (launcher.hits, launcher.misses) == (1, 4)
