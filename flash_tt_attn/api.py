@@ -76,6 +76,30 @@ def check_inputs(q, k, v, bias, scale, mask, *, caller: str = "attention()", row
                          "CPU the interpreter or the PyTorch reference)")
 
 
+def check_lengths(lengths, batch_shape, L: int, device: torch.device, *, caller: str = "attention()",
+                  layout: str = "(B,)") -> None:
+    """Raise a TypeError/ValueError when ``lengths`` is not an integer tensor of shape ``batch_shape``
+    with values in [0, L] on ``device``; return None when valid. Reads the values (one host sync on CUDA)."""
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"{caller}: lengths must be a torch.Tensor or None, got {type(lengths).__name__}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"{caller}: lengths must be an integer tensor (residues per sequence), got {lengths.dtype}")
+    if tuple(lengths.shape) != tuple(batch_shape):
+        want = ", ".join(str(s) for s in batch_shape) + ("," if len(batch_shape) == 1 else "")
+        raise ValueError(f"{caller}: lengths must have shape {layout} = ({want}), got {_shape(lengths)}")
+    if lengths.device != device:
+        raise ValueError(f"{caller}: lengths is on {lengths.device} but the inputs are on {device}; all inputs "
+                         "must be on one device")
+    if lengths.numel() and (bool((lengths < 0).any()) or bool((lengths > L).any())):
+        raise ValueError(f"{caller}: lengths must lie in [0, L] = [0, {L}], got {lengths.tolist()}")
+
+
+def lengths_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
+    """The bool (B, L, L) pair mask of a padded tail: ``mask[b, i, k] = i < lengths[b] and k < lengths[b]``."""
+    valid = torch.arange(L, device=lengths.device) < lengths[:, None]  # (B, L)
+    return valid[:, :, None] & valid[:, None, :]
+
+
 def _uses_triton(device: torch.device, dtype: torch.dtype) -> bool:
     """Which path a call takes: the Triton kernels, or reference.attention_chunked.
 
@@ -142,6 +166,7 @@ def attention(
     bias: torch.Tensor,
     scale: Optional[float] = None,
     mask: Optional[torch.Tensor] = None,
+    lengths: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Triangle attention with a pair bias, fused (FlashAttention-2 style) in Triton.
 
@@ -162,6 +187,12 @@ def attention(
         scale: multiplies q·k; defaults to 1/sqrt(D).
         mask: optional bool (B, L, L); True = this key takes part. A row whose keys
             are all excluded gives 0 output and 0 gradients.
+        lengths: optional integer (B,) tensor, 0 ≤ lengths[b] ≤ L: sequence b has
+            lengths[b] residues and a padded tail, i.e. the mask
+            ``mask[b, i, k] = i < lengths[b] and k < lengths[b]`` (rows i in the tail have no
+            valid key and give 0), and'ed with ``mask`` when both are given. The result
+            equals the call with that mask, bitwise: for now it is implemented by building
+            the mask, so it is equivalent to the mask; programs do not yet skip padded blocks.
 
     Returns:
         (B, H, L, L, D) tensor with q's dtype.
@@ -192,5 +223,10 @@ def attention(
         torch.Size([1, 2, 8, 8, 16])
     """
     check_inputs(q, k, v, bias, scale, mask)
+    if lengths is not None:
+        L = q.shape[-2]
+        check_lengths(lengths, q.shape[:1], L, q.device)
+        from_lengths = lengths_mask(lengths, L)
+        mask = from_lengths if mask is None else mask & from_lengths
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return run_attention(q, k, v, bias, scale, mask)

@@ -48,14 +48,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import SUPPORTED_HEAD_DIMS, attention
+from .api import SUPPORTED_HEAD_DIMS, attention, check_inputs, check_lengths, lengths_mask, run_attention
 
 __all__ = [
     "TriangleAttention",
     "TriangleAttentionReference",
     "OPENFOLD_KEYS",
+    "auto_chunk_size",
     "replace_openfold_triangle_attention",
 ]
+
+#: Bytes one chunk's activations may take when there is no free-memory figure to go by (CPU tensors).
+CPU_CHUNK_BYTES = 2**28
+#: On CUDA a chunk may take this fraction of the free memory (free in the driver plus PyTorch's cached,
+#: unallocated blocks), and at most :data:`MAX_CHUNK_BYTES`: larger chunks save no time, only memory.
+FREE_MEMORY_FRACTION = 0.25
+MAX_CHUNK_BYTES = 2**31
+
+
+def auto_chunk_size(L: int, batch: int, c_in: int, width: int, itemsize: int,
+                    free_bytes: Optional[int] = None) -> int:
+    """Rows per chunk for a forward without gradients (a pure function of its arguments).
+
+    One row of the pair tensor (per batch item) costs about ``L · (2·c_in + 8·width)`` elements of
+    ``itemsize`` bytes in a chunk: its layer norm and output projection (c_in each); q, k, v, gate,
+    the attention output, the gated product and the head-padded copies of q, k, v (``width =
+    no_heads · c_hidden`` each). The chunk gets ``min(FREE_MEMORY_FRACTION · free_bytes,
+    MAX_CHUNK_BYTES)`` bytes when ``free_bytes`` is given (CUDA) and :data:`CPU_CHUNK_BYTES`
+    when it is None; the result is clamped to [1, L].
+
+    >>> auto_chunk_size(8192, 1, 128, 128, 2, free_bytes=100 * 2**30)  # 2 GiB / 21 MB per row
+    102
+    >>> auto_chunk_size(256, 1, 128, 128, 2)  # small: one chunk, the whole tensor
+    256
+    """
+    for name, value in (("L", L), ("batch", batch), ("c_in", c_in), ("width", width), ("itemsize", itemsize)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"auto_chunk_size(): {name} must be a positive int, got {value!r}")
+    if free_bytes is None:
+        budget = CPU_CHUNK_BYTES
+    else:
+        budget = min(int(FREE_MEMORY_FRACTION * max(int(free_bytes), 0)), MAX_CHUNK_BYTES)
+    per_row = batch * L * (2 * c_in + 8 * width) * itemsize
+    return max(1, min(L, budget // per_row))
 
 #: State-dict keys of one block, identical to OpenFold's ``TriangleAttention``.
 OPENFOLD_KEYS = (
@@ -173,11 +208,54 @@ class _TriangleAttentionBase(nn.Module):
         block.load_state_dict(module.state_dict(), strict=True)
         return block.train(module.training)
 
+    #: Whether a forward without gradients chunks its rows when no ``chunk_size`` is given
+    #: (:class:`TriangleAttention`: yes; the unfused reference chunks only when asked).
+    _auto_chunk = False
+
     def _attention_core(self, q, k, v, bias, mask):
-        """q, k, v: (B, H, L, L, c_hidden); bias (B, H, L, L); mask bool (B, L, L) or None."""
+        """q, k, v: (B, H, R, L, c_hidden) for R ≤ L rows i (R < L only in a chunked forward);
+        bias (B, H, L, L), the whole bias; mask bool (B, R, L) or None."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, **openfold_kwargs) -> torch.Tensor:
+    def _pair_mask(self, x, mask, lengths):
+        """The bool (*, L, L) mask of ``x`` from ``mask`` and ``lengths`` (logical and), or None."""
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"{type(self).__name__}: mask must be a torch.Tensor or None, "
+                                f"got {type(mask).__name__}")
+            if mask.dtype != torch.bool:
+                mask = mask > 0.5
+            mask = torch.broadcast_to(mask, x.shape[:-1])
+        if lengths is not None:
+            L, lead = x.shape[-2], x.shape[:-3]
+            check_lengths(lengths, lead, L, x.device, caller=f"{type(self).__name__}.forward()",
+                          layout="x.shape[:-3]")
+            from_lengths = lengths_mask(lengths.reshape(-1), L).reshape(*lead, L, L)
+            mask = from_lengths if mask is None else mask & from_lengths
+        return mask
+
+    def _chunk_rows(self, x, chunk_size, rows_total):
+        """Rows per chunk for this call, or None to run the whole pair tensor at once."""
+        if chunk_size is not None:
+            if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+                raise ValueError(f"{type(self).__name__}: chunk_size must be a positive int or None, "
+                                 f"got {chunk_size!r}")
+            rows = chunk_size
+        elif self._auto_chunk and not torch.is_grad_enabled():
+            free = None
+            if x.device.type == "cuda":
+                free_now, _ = torch.cuda.mem_get_info(x.device)
+                free = free_now + torch.cuda.memory_reserved(x.device) - torch.cuda.memory_allocated(x.device)
+            itemsize = torch.get_autocast_dtype(x.device.type).itemsize \
+                if torch.is_autocast_enabled(x.device.type) else x.element_size()
+            rows = auto_chunk_size(x.shape[-2], int(math.prod(x.shape[:-3])), self.c_in,
+                                   self.no_heads * self.c_hidden, itemsize, free_bytes=free)
+        else:
+            return None
+        return None if rows >= rows_total else rows
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+                lengths: Optional[torch.Tensor] = None, **openfold_kwargs) -> torch.Tensor:
         """Apply the block (its update only: add the residual yourself, as OpenFold does).
 
         Args:
@@ -185,9 +263,23 @@ class _TriangleAttentionBase(nn.Module):
             mask: optional (*, L, L) bool or float, broadcastable to ``x.shape[:-1]``;
                 True / 1 = valid. Float masks are read as ``mask > 0.5``. For the ending
                 node it is indexed like ``x`` (the block transposes both).
+            chunk_size: rows of the pair tensor (the attended axis' rows: i for the starting
+                node, j for the ending node) computed at a time: layer norm, projections,
+                attention, gating and output projection of one block of rows, written into a
+                preallocated output, the pair bias computed once beforehand. Peak memory is then
+                about x + the output + the bias + one chunk's activations. ``None`` (default):
+                :class:`TriangleAttention` picks a size by :func:`auto_chunk_size` when gradients
+                are off (``torch.no_grad()``), and runs unchunked when they are on;
+                :class:`TriangleAttentionReference` chunks only when given a size. A size ≥ L
+                runs the whole tensor at once. The output is bitwise the same for every size
+                (rows are computed independently; tests/test_chunking.py checks it).
+            lengths: optional integer (*,) tensor, ``x.shape[:-3]``: residues at positions
+                ≥ ``lengths[b]`` are padding, i.e. the mask ``(i < n) & (j < n)``, and'ed with
+                ``mask``. The output equals that of the masked call (programs do not yet skip
+                padded blocks).
             **openfold_kwargs: accepted and ignored, so calls written for OpenFold's
-                module (``chunk_size=``, ``use_lma=``, ``use_memory_efficient_kernel=``,
-                ``inplace_safe=``, ...) work unchanged.
+                module (``use_lma=``, ``use_memory_efficient_kernel=``, ``inplace_safe=``, ...)
+                work unchanged.
 
         Returns:
             (*, L, L, c_in) tensor, dtype of the last projection (x's dtype, or the
@@ -197,18 +289,26 @@ class _TriangleAttentionBase(nn.Module):
             raise ValueError(f"{type(self).__name__}: x must have shape (*, L, L, c_in={self.c_in}), "
                              f"got {tuple(x.shape)}")
         L, lead = x.shape[-2], x.shape[:-3]
-        if mask is not None:
-            if mask.dtype != torch.bool:
-                mask = mask > 0.5
-            mask = torch.broadcast_to(mask, x.shape[:-1])
+        mask = self._pair_mask(x, mask, lengths)
         if not self.starting:
             x = x.transpose(-2, -3)
             mask = None if mask is None else mask.transpose(-1, -2)
         x = x.reshape(-1, L, L, self.c_in)
         if mask is not None:
             mask = mask.reshape(-1, L, L)
-        B, H, D = x.shape[0], self.no_heads, self.c_hidden
+        rows = self._chunk_rows(x, chunk_size, L)
+        if rows is not None:
+            out = self._forward_chunked(x, mask, rows)
+        else:
+            out = self._forward_whole(x, mask)
+        out = out.reshape(*lead, L, L, self.c_in)
+        if not self.starting:
+            out = out.transpose(-2, -3)
+        return out
 
+    def _forward_whole(self, x, mask):
+        """x (B, L, L, c_in), rows i along dim 1 (already transposed for the ending node)."""
+        B, L, H, D = x.shape[0], x.shape[1], self.no_heads, self.c_hidden
         x = self.layer_norm(x)
         # (B, L, L, H*D) -> (B, H, L, L, D) views; bias[b, h, j, k] comes from x[b, j, k].
         q, k, v = (lin(x).view(B, L, L, H, D).permute(0, 3, 1, 2, 4)
@@ -219,9 +319,39 @@ class _TriangleAttentionBase(nn.Module):
 
         g = torch.sigmoid(self.mha.linear_g(x)).view(B, L, L, H, D)
         o = (o.permute(0, 2, 3, 1, 4) * g).reshape(B, L, L, H * D)
-        out = self.mha.linear_o(o).reshape(*lead, L, L, self.c_in)
-        if not self.starting:
-            out = out.transpose(-2, -3)
+        return self.mha.linear_o(o)
+
+    def _forward_chunked(self, x, mask, rows):
+        """:meth:`_forward_whole` for blocks of ``rows`` rows i at a time, into a preallocated output.
+
+        The same operations on each row as the whole call: layer norm, the linear layers (whose
+        matmuls see a (R·L, c) rather than an (L·L, c) matrix: each output element is still one dot
+        product over the same channels), attention of rows i (which read only row i and the shared
+        bias) and gating. The bias needs every row before any attention, so a first pass computes it
+        (layer norm and bias projection of one block at a time; the layer norm is computed again in
+        the second pass rather than kept: one pair tensor less).
+        """
+        B, L, H, D = x.shape[0], x.shape[1], self.no_heads, self.c_hidden
+        blocks = [slice(i0, min(L, i0 + rows)) for i0 in range(0, L, rows)]
+        bias = None
+        for r in blocks:
+            b_r = self.linear(self.layer_norm(x[:, r])).permute(0, 3, 1, 2)  # (B, H, R, L)
+            if bias is None:
+                bias = b_r.new_empty(B, H, L, L)
+            bias[:, :, r] = b_r
+        out = None
+        for r in blocks:
+            R = r.stop - r.start
+            xr = self.layer_norm(x[:, r])
+            q, k, v = (lin(xr).view(B, R, L, H, D).permute(0, 3, 1, 2, 4)
+                       for lin in (self.mha.linear_q, self.mha.linear_k, self.mha.linear_v))
+            o = self._attention_core(q, k, v, bias, None if mask is None else mask[:, r])
+            g = torch.sigmoid(self.mha.linear_g(xr)).view(B, R, L, H, D)
+            o = (o.permute(0, 2, 3, 1, 4) * g).reshape(B, R, L, H * D)
+            o = self.mha.linear_o(o)
+            if out is None:
+                out = o.new_empty(B, L, L, self.c_in)
+            out[:, r] = o
         return out
 
 
@@ -265,6 +395,8 @@ class TriangleAttention(_TriangleAttentionBase):
         super().__init__(c_in, c_hidden, no_heads, starting, inf)
         self._kernel_head_dim = min(d for d in SUPPORTED_HEAD_DIMS if d >= c_hidden)
 
+    _auto_chunk = True
+
     def _attention_core(self, q, k, v, bias, mask):
         # One dtype for all four (under autocast: the autocast dtype the projections gave).
         # Contiguous copies of the permuted projections: attention() takes strided views
@@ -278,7 +410,11 @@ class TriangleAttention(_TriangleAttentionBase):
         else:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with torch.autocast(device_type=q.device.type, enabled=False):
-            o = attention(q, k, v, bias, scale=self.scale, mask=mask)
+            if q.shape[2] == q.shape[3]:
+                o = attention(q, k, v, bias, scale=self.scale, mask=mask)
+            else:  # a chunk of rows i (chunked forward): attention()'s checks and paths, for R < L rows
+                check_inputs(q, k, v, bias, self.scale, mask, caller="TriangleAttention (chunked)", row_block=True)
+                o = run_attention(q, k, v, bias, self.scale, mask)
         return o[..., : self.c_hidden] if pad else o
 
 

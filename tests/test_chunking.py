@@ -1,0 +1,262 @@
+"""Chunked inference in the block (issue 25) and the ``lengths`` form of a padded-tail mask.
+
+Chunked == unchunked is checked bitwise (torch.equal) for TriangleAttention: each row of the pair
+tensor goes through the same layer norm, linear layers, attention and gating whether it is computed
+with the other rows or in a block of R rows. On CPU under Triton's interpreter, at tiny shapes.
+
+One exception, measured here (test_tiny_fp32_chunks_are_close_not_bitwise): MKL's fp32 GEMM takes
+another kernel, which rounds differently, for matrices of fewer than 12 rows (M = 1-3, 5-7, 9-11 on
+this CPU; 4 and 8 and every M ≥ 12 agree with the big matrix's rows). A chunk's linear layers see
+M = B·R·L rows, so with B·L ≥ 12 every chunk size is bitwise; the shapes below keep B·L ≥ 12.
+fp16/bf16 linears agree at every M. On CUDA, cuBLAS picks its kernel by shape too: the GPU test
+at the end checks the claim at block-sized shapes.
+"""
+
+import math
+
+import pytest
+import torch
+
+import flash_tt_attn as fta
+from flash_tt_attn import modules
+from flash_tt_attn.api import lengths_mask
+from flash_tt_attn.modules import auto_chunk_size
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def block(cls=fta.TriangleAttention, starting=True, c_in=8, c_hidden=16, heads=2, dtype=torch.float32, seed=0):
+    """A block with random weights everywhere (AlphaFold's init zeroes the output projection)."""
+    m = cls(c_in, c_hidden, heads, starting=starting)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]) + (p.dim() == 1) * 0.5)
+    return m.to(dtype)
+
+
+def pair(B=2, L=5, c_in=8, dtype=torch.float32):
+    x = torch.randn(B, L, L, c_in).to(dtype)
+    mask = (torch.rand(B, L, L) < 0.7) | torch.eye(L, dtype=torch.bool)
+    mask[0, 1] = False  # one row with no valid key (0 attention output there)
+    return x, mask
+
+
+@pytest.mark.parametrize("use_mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
+def test_chunked_equals_unchunked_bitwise(starting, dtype, use_mask):
+    L = 6
+    m = block(starting=starting, dtype=dtype)
+    x, mask = pair(L=L, dtype=dtype)
+    mask = mask if use_mask else None
+    whole = m(x, mask)  # gradients on: today's unchunked path
+    with torch.no_grad():
+        for chunk in (1, 4, L, L + 3):  # 4: blocks of 4 and 2 rows
+            got = m(x, mask, chunk_size=chunk)
+            assert torch.equal(got, whole.detach()), f"chunk_size={chunk}"
+            assert got.stride() == whole.stride() and got.dtype == whole.dtype
+
+
+def test_chunked_leading_dims_and_float_mask():
+    m = block(starting=False)
+    x = torch.randn(2, 1, 12, 12, 8)
+    mask = (torch.rand(2, 1, 12, 12) < 0.7).float()
+    with torch.no_grad():
+        assert torch.equal(m(x, mask, chunk_size=5), m(x, mask, chunk_size=12))
+        assert torch.equal(m(x[0, 0], mask[0, 0], chunk_size=7), m(x[0, 0], mask[0, 0], chunk_size=12))
+
+
+def test_chunked_under_autocast_equals_unchunked():
+    m = block()
+    x, mask = pair(L=4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, whole = m(x, mask, chunk_size=3), m(x, mask, chunk_size=4)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, whole)
+
+
+@pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
+def test_reference_block_chunks_when_asked(starting):
+    """The unfused reference chunks too (OpenFold-style chunking for the benchmarks), but not bitwise in
+    fp32: its score einsum runs on strided (permuted) views whose strides differ between a block of rows
+    and the whole tensor, and the matmul it picks then rounds differently (a few ulp)."""
+    m = block(fta.TriangleAttentionReference, starting=starting)
+    x, mask = pair(L=5)
+    with torch.no_grad():
+        whole = m(x, mask)  # the reference never chunks on its own
+        for chunk in (1, 3):
+            torch.testing.assert_close(m(x, mask, chunk_size=chunk), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_tiny_fp32_chunks_are_close_not_bitwise():
+    """B·R·L < 12 in fp32: MKL's small-matrix GEMM rounds the projections differently (a few ulp)."""
+    lin = torch.nn.Linear(8, 32)
+    X = torch.randn(64, 8)
+    with torch.no_grad():
+        assert torch.equal(lin(X)[:12], lin(X[:12])) and torch.equal(lin(X)[:8], lin(X[:8]))
+        m = block()
+        x, _ = pair(B=1, L=5)
+        torch.testing.assert_close(m(x, chunk_size=1), m(x, chunk_size=5), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
+def test_gpu_chunked_equals_unchunked_bitwise(starting, dtype):
+    """The kernels and cuBLAS at a block's widths (c=128, 4 heads of 32), L=200: chunks of 1, 64, 77 rows."""
+    m = block(starting=starting, c_in=128, c_hidden=32, heads=4).to(device="cuda", dtype=dtype)
+    x = torch.randn(1, 200, 200, 128, device="cuda").to(dtype)
+    mask = (torch.rand(1, 200, 200, device="cuda") < 0.9) | torch.eye(200, dtype=torch.bool, device="cuda")
+    with torch.no_grad():
+        whole = m(x, mask, chunk_size=200)
+        for chunk in (1, 64, 77):
+            assert torch.equal(m(x, mask, chunk_size=chunk), whole), f"chunk_size={chunk}"
+
+
+# ---------------------------------------------------------------------------------------- chunk sizes
+
+
+def test_auto_chunk_size_is_a_pure_function_of_its_arguments():
+    per_row = 8192 * (2 * 128 + 8 * 128) * 2  # one row of an L=8192, c=128, 4x32-head bf16 block
+    assert auto_chunk_size(8192, 1, 128, 128, 2, free_bytes=100 * 2**30) == modules.MAX_CHUNK_BYTES // per_row
+    assert auto_chunk_size(8192, 1, 128, 128, 2, free_bytes=4 * 2**30) == 2**30 // per_row  # a quarter of free
+    assert auto_chunk_size(8192, 2, 128, 128, 2, free_bytes=4 * 2**30) == 2**30 // (2 * per_row)
+    assert auto_chunk_size(8192, 1, 128, 128, 2, free_bytes=0) == 1  # never below one row
+    assert auto_chunk_size(768, 1, 128, 128, 2, free_bytes=100 * 2**30) == 768  # never above L
+    assert auto_chunk_size(16, 1, 8, 32, 4) == 16  # CPU: the fixed budget
+    assert auto_chunk_size(4096, 1, 128, 128, 4) == modules.CPU_CHUNK_BYTES // (4096 * 1280 * 4)
+    with pytest.raises(ValueError, match="L must be a positive int"):
+        auto_chunk_size(0, 1, 8, 8, 4)
+    with pytest.raises(ValueError, match="itemsize"):
+        auto_chunk_size(8, 1, 8, 8, 2.0)
+
+
+def test_no_grad_forward_chunks_automatically(monkeypatch):
+    m = block()
+    x, mask = pair(L=6)
+    with torch.no_grad():
+        whole = m(x, mask)  # the CPU budget fits 6 rows: one chunk, the whole tensor
+    seen = []
+    real = modules._TriangleAttentionBase._forward_chunked
+    monkeypatch.setattr(modules._TriangleAttentionBase, "_forward_chunked",
+                        lambda self, x, mask, rows: seen.append(rows) or real(self, x, mask, rows))
+    per_row = 6 * (2 * 8 + 8 * 32) * 4
+    monkeypatch.setattr(modules, "CPU_CHUNK_BYTES", 2 * 2 * per_row)  # B=2: two rows per chunk
+    with torch.no_grad():
+        got = m(x, mask)
+    assert seen == [2] and torch.equal(got, whole)
+    ref = block(fta.TriangleAttentionReference)
+    with torch.no_grad():
+        ref(x, mask)
+    assert seen == [2], "the reference does not chunk on its own"
+
+
+def test_grad_path_unchanged_without_chunk_size(monkeypatch):
+    m = block()
+    x, mask = pair(L=4)
+
+    def fail(*args):
+        raise AssertionError("chunked with gradients on and no chunk_size")
+
+    monkeypatch.setattr(modules._TriangleAttentionBase, "_forward_chunked", fail)
+    monkeypatch.setattr(modules, "CPU_CHUNK_BYTES", 1)
+    xg = x.clone().requires_grad_()
+    m(xg, mask).sum().backward()
+    with torch.inference_mode(False), torch.enable_grad():
+        m(x, mask)  # parameters need grad: no chunking either
+
+
+def test_chunk_size_with_gradients_gives_the_same_gradients():
+    m = block(starting=False)
+    x, mask = pair(L=6)
+    dout = torch.randn_like(x)
+    results = []
+    for chunk in (None, 2):
+        m.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out = m(xg, mask, chunk_size=chunk)
+        out.backward(dout)
+        results.append([out.detach(), xg.grad, *(p.grad for p in m.parameters())])
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(*results, strict=True):  # sums over rows in another order: close, not bitwise
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+def test_chunk_size_must_be_a_positive_int(bad):
+    m = block()
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        m(torch.randn(1, 3, 3, 8), chunk_size=bad)
+
+
+# ---------------------------------------------------------------------------------------- lengths
+
+
+def test_lengths_mask_is_the_padded_tail_pair_mask():
+    got = lengths_mask(torch.tensor([3, 0, 4]), 4)
+    for b, n in enumerate((3, 0, 4)):
+        valid = torch.arange(4) < n
+        assert torch.equal(got[b], valid[:, None] & valid[None, :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_attention_lengths_equals_the_mask(dtype):
+    B, H, L, D = 2, 2, 6, 16
+    q, k, v = (torch.randn(B, H, L, L, D).to(dtype) for _ in range(3))
+    bias = torch.randn(B, H, L, L).to(dtype)
+    lengths = torch.tensor([6, 3])
+    mask = (torch.rand(B, L, L) < 0.7) | torch.eye(L, dtype=torch.bool)
+    assert torch.equal(fta.attention(q, k, v, bias, lengths=lengths),
+                       fta.attention(q, k, v, bias, mask=lengths_mask(lengths, L)))
+    assert torch.equal(fta.attention(q, k, v, bias, mask=mask, lengths=lengths),
+                       fta.attention(q, k, v, bias, mask=mask & lengths_mask(lengths, L)))
+    assert torch.equal(fta.attention(q, k, v, bias, lengths=torch.tensor([L, L], dtype=torch.int32)),
+                       fta.attention(q, k, v, bias))
+
+
+def test_attention_lengths_gradients_equal_the_mask():
+    B, H, L, D = 2, 1, 5, 16
+    ins = [torch.randn(B, H, L, L, D) for _ in range(3)] + [torch.randn(B, H, L, L)]
+    dout = torch.randn(B, H, L, L, D)
+    lengths = torch.tensor([2, 5])
+    results = []
+    for kw in ({"lengths": lengths}, {"mask": lengths_mask(lengths, L)}):
+        leaves = [t.clone().requires_grad_() for t in ins]
+        out = fta.attention(*leaves, **kw)
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, dout)])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("chunk", [None, 2], ids=["whole", "chunk2"])
+@pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
+def test_module_lengths_equals_the_mask(starting, chunk):
+    m = block(starting=starting)
+    x, mask = pair(L=6)
+    lengths = torch.tensor([6, 3])
+    with torch.no_grad():
+        want = m(x, lengths_mask(lengths, 6), chunk_size=chunk)
+        assert torch.equal(m(x, lengths=lengths, chunk_size=chunk), want)
+        both = m(x, mask, chunk_size=chunk, lengths=lengths)
+        assert torch.equal(both, m(x, mask & lengths_mask(lengths, 6), chunk_size=chunk))
+
+
+@pytest.mark.parametrize("lengths, error, match", [
+    pytest.param([2, 3], TypeError, "must be a torch.Tensor", id="list"),
+    pytest.param(torch.tensor([2.0, 3.0]), TypeError, "integer tensor", id="float"),
+    pytest.param(torch.tensor([True, False]), TypeError, "integer tensor", id="bool"),
+    pytest.param(torch.tensor([2]), ValueError, r"shape \(B,\) = \(2,\), got \(1\)", id="shape"),
+    pytest.param(torch.tensor([[2, 3]]), ValueError, r"shape \(B,\)", id="dims"),
+    pytest.param(torch.tensor([2, -1]), ValueError, r"in \[0, L\] = \[0, 4\]", id="negative"),
+    pytest.param(torch.tensor([2, 5]), ValueError, r"in \[0, L\] = \[0, 4\]", id="too-long"),
+    pytest.param(torch.tensor([2, 3], device="meta"), ValueError, "lengths is on meta", id="device"),
+])
+def test_lengths_validation(lengths, error, match):
+    q = torch.randn(2, 1, 4, 4, 16)
+    with pytest.raises(error, match=match) as info:
+        fta.attention(q, q, q, torch.randn(2, 1, 4, 4), lengths=lengths)
+    assert "attention()" in str(info.value)
+    m = block()
+    with pytest.raises(error, match="TriangleAttention.forward()"):
+        m(torch.randn(2, 4, 4, 8), lengths=lengths)
