@@ -4,7 +4,7 @@ checks do, and report for each whether it compiles (with its shared memory) or t
 Needs only triton (its NVIDIA backend ships ptxas); torch is not imported, so a small virtual environment
 with the GPU's Triton version (3.6) will do. With --warp-specialize every main loop becomes
 ``tl.range(..., warp_specialize=True)`` (Triton's automatic warp specialization) in a patched copy of the
-kernels; PERF.md records that Triton 3.6 fails on all four kernels then.
+kernels; docs/performance.md records that Triton 3.6 fails on all four kernels then.
 
 Usage: python experiments/tools/offline_compile.py [--warp-specialize] [--kernel NAME ...]
 """
