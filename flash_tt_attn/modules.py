@@ -64,6 +64,8 @@ CPU_CHUNK_BYTES = 2**28
 #: unallocated blocks), and at most :data:`MAX_CHUNK_BYTES`: larger chunks save no time, only memory.
 FREE_MEMORY_FRACTION = 0.25
 MAX_CHUNK_BYTES = 2**31
+#: Pair positions (B·rows·L) per block of the chunked forward's bias pass, at least (see _forward_chunked).
+BIAS_BLOCK_POSITIONS = 2**16
 
 
 def auto_chunk_size(L: int, batch: int, c_in: int, width: int, itemsize: int,
@@ -332,15 +334,20 @@ class _TriangleAttentionBase(nn.Module):
         the second pass rather than kept: one pair tensor less).
         """
         B, L, H, D = x.shape[0], x.shape[1], self.no_heads, self.c_hidden
-        blocks = [slice(i0, min(L, i0 + rows)) for i0 in range(0, L, rows)]
+        # The bias pass takes blocks of at least BIAS_BLOCK_POSITIONS pair positions: its projection to
+        # no_heads channels is a thin matmul whose kernel choice changes at small M (cuBLAS fp32 with M = 200
+        # rounds differently from M = 40000, measured on an H200), and its layer norm is cheap to hold.
+        # The last block takes the remainder (no small tail block).
+        bias_rows = max(rows, -(-BIAS_BLOCK_POSITIONS // (B * L)))
+        bounds = [*range(0, L, bias_rows)][: max(1, L // bias_rows)] + [L]
         bias = None
-        for r in blocks:
+        for r in (slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)):
             b_r = self.linear(self.layer_norm(x[:, r])).permute(0, 3, 1, 2)  # (B, H, R, L)
             if bias is None:
                 bias = b_r.new_empty(B, H, L, L)
             bias[:, :, r] = b_r
         out = None
-        for r in blocks:
+        for r in (slice(i0, min(L, i0 + rows)) for i0 in range(0, L, rows)):
             R = r.stop - r.start
             xr = self.layer_norm(x[:, r])
             q, k, v = (lin(xr).view(B, R, L, H, D).permute(0, 3, 1, 2, 4)
