@@ -180,3 +180,35 @@ def test_not_yaml_or_not_a_mapping(tmp_path):
     path.write_text("id: [unclosed\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(path)
+
+
+def test_long_inference_spec_sweeps_its_own_providers():
+    spec = load_spec(EXPERIMENTS / "long-inference.yaml")
+    assert spec.op == "triangle_block" and set(spec.metrics) == {"latency", "memory"}
+    pts = spec.points()
+    long = [p for p in pts if p.B == 1]
+    assert {p.L for p in long} == {2048, 4096, 6144, 8192} and {p.mode for p in long} == {"fwd"}
+    assert {(p.c_in, p.H, p.D, p.dtype) for p in pts} == {(128, 4, 32, "bfloat16")}
+    starting = {p.provider for p in long if p.node == "starting"}
+    assert starting == {"flash_tt_attn", "flash_tt_attn_whole", "naive_chunk4", "naive_chunk128", "cueq"}
+    assert {p.provider for p in long if p.node == "ending"} == {"flash_tt_attn", "flash_tt_attn_whole", "cueq"}
+    padding = [p for p in pts if p.B == 2]
+    assert {p.provider for p in padding} == {"flash_tt_attn", "flash_tt_attn_lengths"}
+    assert {p.mode for p in padding} == {"fwd", "fwd_bwd"}
+    assert len(pts) == 4 * 5 + 4 * 3 + 3 * 2 + 3 * 2
+    padding_speedup = next(t for t in spec.tables if t.file == "long-inference-padding-speedup")
+    assert padding_speedup.target == "flash_tt_attn_lengths" and padding_speedup.baselines == ("flash_tt_attn",)
+
+
+def test_sweep_providers_pick_a_subset_in_the_spec_order(tmp_path):
+    data = changed(sweeps=[{**GOOD["sweeps"][0], "providers": ["naive"]}, {**GOOD["sweeps"][0], "B": [2]}],
+                   outputs={})
+    pts = load_spec(write(tmp_path, data)).points()
+    assert {p.provider for p in pts if p.B == 1} == {"naive"}
+    assert [p.provider for p in pts if p.B == 2][:2] == ["flash_tt_attn", "naive"]
+    bad = changed(sweeps=[{**GOOD["sweeps"][0], "providers": ["sdpa"]}])  # not among the spec's providers
+    with pytest.raises(SpecError, match=r"field 'sweeps\[0\]\.providers\[0\]'"):
+        load_spec(write(tmp_path, bad))
+    where = changed(outputs={"tables": [{"file": "x", "kind": "results", "where": {"providers": "naive"}}]})
+    with pytest.raises(SpecError, match="unknown field"):
+        load_spec(write(tmp_path, where))

@@ -269,3 +269,55 @@ def test_lengths_validation(lengths, error, match):
     m = block()
     with pytest.raises(error, match="TriangleAttention.forward()"):
         m(torch.randn(2, 4, 4, 8), lengths=lengths)
+
+
+# ---------------------------------------------------------------------------------------- bench providers
+
+
+@pytest.mark.parametrize("name", ["flash_tt_attn", "flash_tt_attn_whole", "naive_chunk4", "naive_chunk128",
+                                  "flash_tt_attn_lengths"])
+def test_block_providers_of_the_long_inference_spec_run_on_cpu(name):
+    from flash_tt_attn.bench.measure import make_call
+    from flash_tt_attn.bench.providers import get_provider
+    from flash_tt_attn.bench.spec import Point
+
+    provider = get_provider("triangle_block", name)
+    provider.load(torch.device("cpu"))
+    for mode in ("fwd", "fwd_bwd"):
+        point = Point("t", "triangle_block", name, 2, 2, 6, 16, "float32", mode, c_in=8, node="ending")
+        call, leaves = make_call(point, provider, torch.device("cpu"))
+        out = call()
+        if mode == "fwd":
+            assert out.shape == (2, 6, 6, 8) and bool(torch.isfinite(out).all())
+        else:
+            assert leaves[0].grad is not None
+
+
+def test_cueq_block_provider_wires_cuequivariance_layouts():
+    """cueq needs CUDA: a stand-in with cuEquivariance's signature and layouts (q, k, v (B, N, H, Q, D),
+    bias (B, 1, H, Q, K), mask (B, N, 1, 1, K)) computing our attention must give our block's output."""
+    from flash_tt_attn.bench.providers import CueqBlock, Unsupported, get_provider
+
+    with pytest.raises(Unsupported, match="CUDA"):
+        get_provider("triangle_block", "cueq").load(torch.device("cpu"))
+    calls = []
+
+    def fake(q, k, v, bias, mask=None, scale=None):
+        B, N, H, Q, D = q.shape
+        assert bias.shape == (B, 1, H, Q, Q) and (mask is None or mask.shape == (B, N, 1, 1, Q))
+        calls.append(N)
+        t = [x.transpose(1, 2) for x in (q, k, v)]
+        m = None if mask is None else mask[:, :, 0, 0, :]
+        return api.run_attention(*t, bias[:, 0], scale, m).transpose(1, 2)
+
+    provider = CueqBlock("cueq", fn=fake)
+    provider.load(torch.device("cpu"))
+    for starting in (True, False):
+        torch.manual_seed(1)
+        ours = block(starting=starting)
+        cueq = provider.build(8, 16, 2, starting=starting)
+        cueq.load_state_dict(ours.state_dict())
+        x, mask = pair(L=6)
+        with torch.no_grad():
+            assert torch.equal(cueq(x, mask, chunk_size=4), ours(x, mask, chunk_size=4))
+    assert calls == [4, 2, 4, 2]

@@ -79,7 +79,7 @@ def _make_block(point: Point, provider, device):
     x = torch.randn(point.B, point.L, point.L, point.c_in, device=device, dtype=dtype).requires_grad_(needs_grad)
     leaves = [x, *module.parameters()]
     d_out = torch.randn_like(x) if needs_grad else None
-    return (lambda: module(x)), leaves, d_out
+    return provider.bind(module, x), leaves, d_out
 
 
 def make_call(point: Point, provider, device) -> tuple[Callable, list]:

@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["Unsupported", "AttentionProvider", "BlockProvider", "get_provider", "to_layout", "from_layout"]
+__all__ = ["Unsupported", "AttentionProvider", "BlockProvider", "get_provider", "padded_lengths", "to_layout",
+           "from_layout"]
 
 
 class Unsupported(Exception):
@@ -258,13 +259,94 @@ class BlockProvider:
         block, Algorithm 14); seed torch first for equal weights."""
         return self._cls(c_in, c_hidden, heads, starting=starting)
 
+    def bind(self, module: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The function to time: one call of ``module`` on the pair tensor ``x`` (B, L, L, c_in)."""
+        return lambda: module(x)
+
+
+class ChunkedBlock(BlockProvider):
+    """A block called with ``chunk_size=``: a number of rows, or ``"L"`` for the whole pair tensor at once
+    (flash_tt_attn_whole: no chunking, also under ``no_grad``). The reference block with 4 or 128 rows is
+    OpenFold-style chunking in plain PyTorch (OpenFold's inference default is 4; Boltz uses 128 above
+    L=384): one unfused attention call per chunk of rows, the bias computed once."""
+
+    def __init__(self, name: str, class_name: str, chunk):
+        super().__init__(name, class_name)
+        self.chunk = chunk
+
+    def bind(self, module, x):
+        chunk = x.shape[-2] if self.chunk == "L" else self.chunk
+        return lambda: module(x, chunk_size=chunk)
+
+
+def padded_lengths(B: int, L: int, device) -> torch.Tensor:
+    """Residues per sequence in the padding sweep: L for even batch items, L // 2 (a padded tail) for odd."""
+    return torch.tensor([L if b % 2 == 0 else L // 2 for b in range(B)], dtype=torch.int64, device=device)
+
+
+class LengthsBlock(BlockProvider):
+    """Our block called with ``lengths=`` (:func:`padded_lengths`): batch items of L and L/2 residues.
+    Against flash_tt_attn at the same B (the full-length call) it measures what the padding costs."""
+
+    def bind(self, module, x):
+        lengths = padded_lengths(x.shape[0], x.shape[-2], x.device)
+        return lambda: module(x, lengths=lengths)
+
+
+class CueqBlock(BlockProvider):
+    """Our block (same parameters, layer norm, projections, gating and chunking) with
+    ``cuequivariance_torch.triangle_attention`` as its attention: :class:`flash_tt_attn.modules.
+    TriangleAttention` with ``_attention_core`` replaced (q, k, v in cuEquivariance's (B, N, H, Q, D)
+    layout, bias (B, 1, H, Q, K), mask (B, N, 1, 1, K); it masks with -1e9 rather than leaving keys out).
+    ``fn`` stands in for cuEquivariance's function (tests)."""
+
+    def __init__(self, name: str, fn=None):
+        super().__init__(name, "TriangleAttention")
+        self._fn = fn
+
+    def load(self, device):
+        if self._fn is None:
+            if device.type != "cuda":
+                raise Unsupported(f"{self.name} needs a CUDA device")
+            try:
+                import cuequivariance_torch  # noqa: PLC0415
+
+                self._fn = cuequivariance_torch.triangle_attention
+            except Exception as e:
+                raise Unsupported(f"cuequivariance_torch.triangle_attention not importable: "
+                                  f"{type(e).__name__}: {e}") from e
+        from flash_tt_attn import modules  # noqa: PLC0415
+
+        fn = self._fn
+
+        class CueqTriangleAttention(modules.TriangleAttention):
+            def _attention_core(self, q, k, v, bias, mask):
+                dtype = q.dtype
+                q, k, v = (t.to(dtype).transpose(1, 2).contiguous() for t in (q, k, v))  # (B, R, H, L, D)
+                m = None if mask is None else mask[:, :, None, None, :]
+                with torch.autocast(device_type=q.device.type, enabled=False):
+                    o = fn(q, k, v, bias.to(dtype).unsqueeze(1), m, scale=self.scale)
+                return o.transpose(1, 2)
+
+        self._cls = CueqTriangleAttention
+
 
 _ATTENTION = {p.name: p for p in (FlashTTAttn, Naive, Sdpa, Flex, Trifast, Cueq, FlexPlain, SdpaCudnnPlain)}
 _BLOCK = {"flash_tt_attn": "TriangleAttention", "naive": "TriangleAttentionReference"}
+#: Block providers with a chunk size (rows per chunk, or "L": the whole tensor at once).
+_CHUNKED_BLOCK = {"flash_tt_attn_whole": ("TriangleAttention", "L"),
+                  "naive_chunk4": ("TriangleAttentionReference", 4),
+                  "naive_chunk128": ("TriangleAttentionReference", 128)}
 
 
 def get_provider(op: str, name: str):
     """A fresh provider object for ``op`` (``attention`` or ``triangle_block``) by name."""
     if op == "attention":
         return _ATTENTION[name]()
+    if name in _CHUNKED_BLOCK:
+        return ChunkedBlock(name, *_CHUNKED_BLOCK[name])
+    if name == "flash_tt_attn_lengths":
+        return LengthsBlock(name, "TriangleAttention")
+    if name == "cueq":
+        return CueqBlock(name)
     return BlockProvider(name, _BLOCK[name])

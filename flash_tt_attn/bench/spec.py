@@ -10,6 +10,7 @@ A spec is declarative; everything a run or a figure needs is in it::
     timing: {warmup_ms: 25, rep_ms: 100}
     sweeps:                           # one or more blocks; each is the cross product of its axes
       - {B: [4], H: [8], D: [32], L: [32, 64], dtype: [float16], mode: [fwd]}
+      - {B: [2], H: [8], D: [32], L: [64], dtype: [float16], mode: [fwd], providers: [flash_tt_attn]}
     outputs:
       figures:                        # x = L, one line per provider; `where` must pick one config
         - {file: fused-attention-batch4-head8-d32-fwd-latency.png, metric: latency, where: {mode: fwd}}
@@ -34,6 +35,15 @@ For ``op: triangle_block`` a sweep also has ``c_in`` (input channels) and may ha
 the number of heads and ``D`` the per-head hidden size (AlphaFold's ``c_hidden``). Log rows written
 before ``node`` existed lack it and count as ``starting``.
 
+A sweep may name ``providers``, a subset of the spec's: only those run its points (default: all of them).
+
+Block providers (providers.py): ``flash_tt_attn`` and ``naive`` (TriangleAttention and
+TriangleAttentionReference, called as ``module(x)``: under ``no_grad`` ours chunks its rows by
+modules.auto_chunk_size), ``flash_tt_attn_whole`` (ours with ``chunk_size=L``: never chunked),
+``naive_chunk4`` / ``naive_chunk128`` (the reference with OpenFold-style chunking), ``cueq`` (our block with
+cuEquivariance's triangle_attention inside) and ``flash_tt_attn_lengths`` (ours with ``lengths=``: odd batch
+items have L/2 residues and a padded tail).
+
 Any unknown field, wrong type or empty list raises :class:`SpecError` naming the file and the field.
 """
 
@@ -47,7 +57,8 @@ from pathlib import Path
 OPS = ("attention", "triangle_block")
 PROVIDERS = {
     "attention": ("flash_tt_attn", "naive", "sdpa", "flex", "trifast", "cueq", "flex_plain", "sdpa_cudnn_plain"),
-    "triangle_block": ("flash_tt_attn", "naive"),
+    "triangle_block": ("flash_tt_attn", "naive", "flash_tt_attn_whole", "flash_tt_attn_lengths", "naive_chunk4",
+                       "naive_chunk128", "cueq"),
 }
 #: Reference ceilings that run plain attention with no bias (providers.py): latency and memory only.
 BIAS_FREE = ("flex_plain", "sdpa_cudnn_plain")
@@ -82,6 +93,8 @@ CONFIG_FIELDS = ("op", "B", "H", "D", "c_in", "node", "dtype", "mode")
 
 _TOP_FIELDS = {"id", "description", "op", "providers", "metrics", "timing", "sweeps", "outputs"}
 _SWEEP_FIELDS = {"B", "H", "D", "L", "c_in", "node", "dtype", "mode"}
+#: Sweep fields that are not axes of a point (``where`` cannot name them).
+_SWEEP_ONLY = {"providers"}
 _TIMING_FIELDS = {"warmup_ms", "rep_ms"}
 _OUTPUT_FIELDS = {"figures", "tables"}
 _FIGURE_FIELDS = {"file", "metric", "where"}
@@ -184,8 +197,9 @@ class Spec:
         block = self.op == "triangle_block"
         for sw in self.sweeps:
             nodes = sw.get("node", [BLOCK_DEFAULTS["node"]] if block else [None])
+            providers = [p for p in self.providers if p in sw.get("providers", self.providers)]
             axes = [sw["dtype"], sw["mode"], sw["B"], sw["H"], sw["D"], sw.get("c_in", [None]), nodes, sw["L"],
-                    self.providers]
+                    providers]
             for dtype, mode, B, H, D, c_in, node, L, prov in itertools.product(*axes):
                 p = Point(self.id, self.op, prov, B, H, L, D, dtype, mode, c_in, node)
                 if p.key() not in seen:
@@ -292,7 +306,7 @@ def parse_spec(data, path: str) -> Spec:
     required = {"B", "H", "D", "L", "dtype", "mode"} | ({"c_in"} if op == "triangle_block" else set())
     for i, sw in enumerate(c.nonempty_list(data["sweeps"], "sweeps")):
         name = f"sweeps[{i}]"
-        c.mapping(sw, name, _SWEEP_FIELDS, required)
+        c.mapping(sw, name, _SWEEP_FIELDS | _SWEEP_ONLY, required)
         for ax in ("c_in", "node"):
             if op == "attention" and ax in sw:
                 c.fail(f"{name}.{ax}", "only for op: triangle_block")
@@ -301,6 +315,8 @@ def parse_spec(data, path: str) -> Spec:
         clean["mode"] = c.str_list(sw["mode"], f"{name}.mode", MODES)
         if "node" in sw:
             clean["node"] = c.str_list(sw["node"], f"{name}.node", NODES)
+        if "providers" in sw:
+            clean["providers"] = c.str_list(sw["providers"], f"{name}.providers", providers)
         sweeps.append(clean)
 
     spec = Spec(spec_id, description, op, tuple(providers), tuple(metrics), warmup_ms, rep_ms, tuple(sweeps),
