@@ -273,8 +273,12 @@ class _TriangleAttentionBase(nn.Module):
                 :class:`TriangleAttention` picks a size by :func:`auto_chunk_size` when gradients
                 are off (``torch.no_grad()``), and runs unchunked when they are on;
                 :class:`TriangleAttentionReference` chunks only when given a size. A size ≥ L
-                runs the whole tensor at once. The output is bitwise the same for every size
-                (rows are computed independently; tests/test_chunking.py checks it).
+                runs the whole tensor at once. Every row goes through the same operations, so
+                the output is bitwise the same for every size wherever the linear layers' matmuls
+                round a row the same in a matrix of B·R·L rows as in one of B·L·L rows (checked
+                for the kernels on CPU and on an H200 in bf16 and fp32, tests/test_chunking.py;
+                MKL's fp32 GEMM below 12 rows is an exception, off by a few ulp). With
+                gradients on, a given size chunks too: same output, gradients equal to rounding.
             lengths: optional integer (*,) tensor, ``x.shape[:-3]``: residues at positions
                 ≥ ``lengths[b]`` are padding, i.e. the mask ``(i < n) & (j < n)``, and'ed with
                 ``mask``. The output equals that of the masked call (programs do not yet skip
@@ -380,7 +384,10 @@ class TriangleAttention(_TriangleAttentionBase):
             outright, only :class:`TriangleAttentionReference` uses it.
 
     Shapes: ``x`` (*, L, L, c_in), ``mask`` (*, L, L) with 1 / True = valid; output
-    (*, L, L, c_in). Supports float16, bfloat16, float32, float64, ``torch.autocast``
+    (*, L, L, c_in). Inference (``torch.no_grad()``) runs blocks of rows at a time when the
+    whole tensor's activations would not fit comfortably (``chunk_size=`` and
+    :func:`auto_chunk_size`); ``lengths=`` is the padded-tail form of the mask (see ``forward``).
+    Supports float16, bfloat16, float32, float64, ``torch.autocast``
     (q, k, v and the bias are given one dtype and the kernel runs with autocast off),
     ``torch.utils.checkpoint`` and ``torch.compile(fullgraph=True)``.
 
