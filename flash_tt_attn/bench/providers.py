@@ -164,7 +164,7 @@ class FlexPlain(Flex):
 class SdpaCudnnPlain(AttentionProvider):
     """Reference ceiling, not triangle attention: ``F.scaled_dot_product_attention`` forced onto cuDNN's
     fused attention kernel, with no bias (in torch 2.11 it has no kernel for the bias as a float attn_mask
-    broadcast over the rows, probe 52: "No available kernel"), rows folded into the batch. The bias is ignored."""
+    broadcast over the rows: "No available kernel"), rows folded into the batch. The bias is ignored."""
 
     name = "sdpa_cudnn_plain"
     layout = "rows"
