@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -35,7 +34,7 @@ from .kernels.backward import (
 )
 from .kernels.forward import attention_fwd_kernel
 from .launch import FastLauncher
-from .tuning import LaunchConfig
+from .tuning import KernelOptions, LaunchConfig
 
 __all__ = ["LaunchConfig", "KernelOptions", "options", "override", "launch_config", "attention_fwd", "attention_bwd",
            "launch_forward", "launch_backward", "DirectAttention"]
@@ -49,32 +48,6 @@ def interpreter_enabled() -> bool:
 # Triton decides at @triton.jit time (the import of the kernels) whether they are interpreted;
 # setting TRITON_INTERPRET later does not change that, so the API asks this instead.
 KERNELS_INTERPRETED = interpreter_enabled()
-
-
-@dataclass(frozen=True)
-class KernelOptions:
-    """Process-wide switches of the launchers, for tests and benchmark variants (:func:`override`).
-
-    fast_exp2: ex2.approx.ftz for 16-bit inputs on the GPU (kernels/common.py).
-    settle_accumulators: dq and dk/dv wait for their accumulating product within each iteration.
-    dbias_unscaled_scores: the bias gradient's scores come from the unscaled q·kᵀ with bias/scale as its
-    accumulator, so q is not rescaled (and sent back to shared memory) in every iteration.
-    direct_eager_calls: plain eager calls launch through :class:`DirectAttention`, not the custom op.
-    configs: (kernel, LaunchConfig) pairs that replace the tuning table's choice for those kernels.
-    shared_memory_per_program: bytes a GPU offers one program, in place of asking the device (to choose
-    the configs a smaller GPU would get).
-    dbias_splits: a fixed number of row splits for the bias gradient, in place of :func:`dbias_splits`.
-    row_offset_dtype: a fixed integer type for offsets inside a row, in place of :func:`row_offset_dtype`.
-    """
-
-    fast_exp2: bool = True
-    settle_accumulators: bool = True
-    dbias_unscaled_scores: bool = True
-    direct_eager_calls: bool = True
-    configs: tuple = ()
-    shared_memory_per_program: Optional[int] = None
-    dbias_splits: Optional[int] = None
-    row_offset_dtype: Optional[object] = None
 
 
 _options = KernelOptions()

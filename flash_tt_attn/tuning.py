@@ -60,6 +60,33 @@ class LaunchConfig:
         return self.num_stages if self.pipeline_all_loads else None
 
 
+@dataclass(frozen=True)
+class KernelOptions:
+    """Process-wide switches of the launchers (set them with ``flash_tt_attn.ops.override``), for tests and
+    benchmark variants (a spec's ``variants``).
+
+    fast_exp2: ex2.approx.ftz for 16-bit inputs on the GPU (kernels/common.py).
+    settle_accumulators: dq and dk/dv wait for their accumulating product within each iteration.
+    dbias_unscaled_scores: the bias gradient's scores come from the unscaled q·kᵀ with bias/scale as its
+    accumulator, so q is not rescaled (and sent back to shared memory) in every iteration.
+    direct_eager_calls: plain eager calls launch through ``ops.DirectAttention``, not the custom op.
+    configs: (kernel, LaunchConfig) pairs that replace the tuning table's choice for those kernels.
+    shared_memory_per_program: bytes a GPU offers one program, in place of asking the device (to choose
+    the configs a smaller GPU would get).
+    dbias_splits: a fixed number of row splits for the bias gradient, in place of ``ops.dbias_splits``.
+    row_offset_dtype: a fixed integer type for offsets inside a row, in place of ``ops.row_offset_dtype``.
+    """
+
+    fast_exp2: bool = True
+    settle_accumulators: bool = True
+    dbias_unscaled_scores: bool = True
+    direct_eager_calls: bool = True
+    configs: tuple = ()
+    shared_memory_per_program: Optional[int] = None
+    dbias_splits: Optional[int] = None
+    row_offset_dtype: Optional[object] = None
+
+
 class LargeConfig(NamedTuple):
     """A config that needs more shared memory per program than some GPUs offer, with the bytes it needs as
     Triton 3.6 compiles it for sm_90 (the same with a mask and with L not a multiple of the tiles)."""

@@ -250,7 +250,7 @@ def peak_memory_mb(call: Callable, leaves: list, device) -> float | None:
 
 def measure(point: Point, metrics, device, warmup_ms: float, rep_ms: float) -> dict:
     """Measure ``point`` (provider already loadable) and return the row's measured fields."""
-    provider = get_provider(point.op, point.provider)
+    provider = get_provider(point.op, point.provider, point.options)
     provider.load(device)
     if "error" in metrics:
         return relative_errors(point, provider, device)

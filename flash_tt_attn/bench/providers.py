@@ -339,8 +339,37 @@ _CHUNKED_BLOCK = {"flash_tt_attn_whole": ("TriangleAttention", "L"),
                   "naive_chunk128": ("TriangleAttentionReference", 128)}
 
 
-def get_provider(op: str, name: str):
-    """A fresh provider object for ``op`` (``attention`` or ``triangle_block``) by name."""
+class Variant:
+    """A spec's variant of ``flash_tt_attn`` (``variants`` in the spec): the provider's calls run under
+    ``flash_tt_attn.ops.override(**options)``, so every launch plan and config sees those switches."""
+
+    def __init__(self, base, name: str, options: tuple):
+        self.base, self.name, self.options = base, name, dict(options)
+        self.layout = getattr(base, "layout", "canonical")
+
+    def load(self, device):
+        self.base.load(device)
+
+    def build(self, *args, **kwargs):  # block providers: the module is the base's, its calls go through bind
+        return self.base.build(*args, **kwargs)
+
+    def bind(self, *args, **kwargs):
+        from flash_tt_attn import ops  # noqa: PLC0415
+
+        call, options = self.base.bind(*args, **kwargs), self.options
+
+        def run():
+            with ops.override(**options):
+                return call()
+
+        return run
+
+
+def get_provider(op: str, name: str, options: tuple | None = None):
+    """A fresh provider object for ``op`` (``attention`` or ``triangle_block``) by name; with ``options``
+    (a spec's variant), ``flash_tt_attn`` run under those switches."""
+    if options is not None:
+        return Variant(get_provider(op, "flash_tt_attn"), name, options)
     if op == "attention":
         return _ATTENTION[name]()
     if name in _CHUNKED_BLOCK:

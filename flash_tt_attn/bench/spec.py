@@ -37,6 +37,13 @@ before ``node`` existed lack it and count as ``starting``.
 
 A sweep may name ``providers``, a subset of the spec's: only those run its points (default: all of them).
 
+``variants`` (optional) names A/B variants of ``flash_tt_attn`` with some of its switches set (the fields of
+:class:`flash_tt_attn.tuning.KernelOptions` listed in :data:`VARIANT_OPTIONS`); a variant's name is then a
+provider of the spec, and its rows carry the options::
+
+    variants: {fast_exp2_off: {fast_exp2: false}, l4_tiles: {shared_memory_per_program: 101376}}
+    providers: [flash_tt_attn, fast_exp2_off, l4_tiles]
+
 Block providers (providers.py): ``flash_tt_attn`` and ``naive`` (TriangleAttention and
 TriangleAttentionReference, called as ``module(x)``: under ``no_grad`` ours chunks its rows by
 modules.auto_chunk_size), ``flash_tt_attn_whole`` (ours with ``chunk_size=L``: never chunked),
@@ -91,7 +98,10 @@ KEY_FIELDS = ("spec", "op", "provider", "B", "H", "L", "D", "dtype", "mode", "c_
 #: The fields a point shares with the other points of one figure line (all but L and provider).
 CONFIG_FIELDS = ("op", "B", "H", "D", "c_in", "node", "dtype", "mode")
 
-_TOP_FIELDS = {"id", "description", "op", "providers", "metrics", "timing", "sweeps", "outputs"}
+_TOP_FIELDS = {"id", "description", "op", "providers", "variants", "metrics", "timing", "sweeps", "outputs"}
+#: The launchers' switches a spec's variant may set (flash_tt_attn.tuning.KernelOptions), with their types.
+VARIANT_OPTIONS = {"fast_exp2": bool, "settle_accumulators": bool, "dbias_unscaled_scores": bool,
+                   "direct_eager_calls": bool, "dbias_splits": int, "shared_memory_per_program": int}
 _SWEEP_FIELDS = {"B", "H", "D", "L", "c_in", "node", "dtype", "mode"}
 #: Sweep fields that are not axes of a point (``where`` cannot name them).
 _SWEEP_ONLY = {"providers"}
@@ -120,6 +130,8 @@ class Point:
     mode: str
     c_in: int | None = None
     node: str | None = None
+    #: a variant's switches as (name, value) pairs (``variants`` in the spec), else None
+    options: tuple | None = None
 
     def key(self) -> tuple:
         """The resume key, equal to :func:`row_key` of the row that measures this point."""
@@ -127,7 +139,10 @@ class Point:
 
     def fields(self) -> dict:
         """The point's fields as they go into a log row (``c_in`` and ``node`` only for the block op)."""
-        return {f: getattr(self, f) for f in KEY_FIELDS if f not in ("c_in", "node") or getattr(self, f) is not None}
+        fields = {f: getattr(self, f) for f in KEY_FIELDS if f not in ("c_in", "node") or getattr(self, f) is not None}
+        if self.options is not None:
+            fields["options"] = dict(self.options)
+        return fields
 
     def label(self) -> str:
         """A short human-readable name, e.g. ``naive B4-H8-L64-D32-float16-fwd``."""
@@ -189,6 +204,7 @@ class Spec:
     figures: tuple
     tables: tuple
     path: str
+    variants: tuple = ()  # (name, ((option, value), ...)) pairs
 
     def points(self) -> list[Point]:
         """Every point of every sweep, in run order (sweep, dtype, mode, B, H, D, c_in, node, L, provider),
@@ -201,7 +217,7 @@ class Spec:
             axes = [sw["dtype"], sw["mode"], sw["B"], sw["H"], sw["D"], sw.get("c_in", [None]), nodes, sw["L"],
                     providers]
             for dtype, mode, B, H, D, c_in, node, L, prov in itertools.product(*axes):
-                p = Point(self.id, self.op, prov, B, H, L, D, dtype, mode, c_in, node)
+                p = Point(self.id, self.op, prov, B, H, L, D, dtype, mode, c_in, node, dict(self.variants).get(prov))
                 if p.key() not in seen:
                     seen.add(p.key())
                     out.append(p)
@@ -287,7 +303,8 @@ def parse_spec(data, path: str) -> Spec:
         c.fail("id", f"{spec_id!r} must equal the file name's stem {stem!r}")
     description = c.string(data["description"], "description")
     op = c.string(data.get("op", "attention"), "op", OPS)
-    providers = c.str_list(data["providers"], "providers", PROVIDERS[op])
+    variants = _parse_variants(c, data.get("variants", {}), op)
+    providers = c.str_list(data["providers"], "providers", PROVIDERS[op] + tuple(name for name, _ in variants))
     metrics = c.str_list(data["metrics"], "metrics", METRICS)
     if len(set(metrics)) != len(metrics):
         c.fail("metrics", f"a metric is named twice: {metrics}")
@@ -320,11 +337,34 @@ def parse_spec(data, path: str) -> Spec:
         sweeps.append(clean)
 
     spec = Spec(spec_id, description, op, tuple(providers), tuple(metrics), warmup_ms, rep_ms, tuple(sweeps),
-                (), (), path)
+                (), (), path, variants)
     outputs = c.mapping(data.get("outputs", {}), "outputs", _OUTPUT_FIELDS)
     figures = _parse_figures(c, spec, outputs.get("figures", []))
     tables = _parse_tables(c, spec, outputs.get("tables", []))
     return dataclasses.replace(spec, figures=tuple(figures), tables=tuple(tables))
+
+
+def _parse_variants(c: _Checker, data, op: str) -> tuple:
+    """``variants: {name: {option: value}}``: named flash_tt_attn variants, as (name, sorted pairs) tuples."""
+    if not isinstance(data, dict):
+        c.fail("variants", f"expected a mapping of names to switches, got {type(data).__name__}")
+    out = []
+    for name, options in data.items():
+        where = f"variants.{name}"
+        c.string(name, where)
+        if name in PROVIDERS[op]:
+            c.fail(where, f"a variant cannot take a provider's name ({name!r})")
+        if not isinstance(options, dict) or not options:
+            c.fail(where, "expected a non-empty mapping of flash_tt_attn switches to values")
+        for option, value in options.items():
+            if option not in VARIANT_OPTIONS:
+                c.fail(f"{where}.{option}", f"unknown switch; expected one of {sorted(VARIANT_OPTIONS)}")
+            want = VARIANT_OPTIONS[option]
+            if type(value) is not want or (want is int and value <= 0):
+                c.fail(f"{where}.{option}", f"expected {'a positive integer' if want is int else 'true or false'}, "
+                       f"got {value!r}")
+        out.append((name, tuple(sorted(options.items()))))
+    return tuple(out)
 
 
 def _parse_figures(c: _Checker, spec: Spec, items) -> list[FigureOut]:
