@@ -101,7 +101,7 @@ def test_compile_fullgraph_matches_eager(D):
 
 @pytest.mark.parametrize("D", [32, 128])
 def test_cuda_graph_replay_gives_the_eager_bits(D):
-    """Small calls are bound by the host's launch work (PERF.md, next step 8), which a CUDA graph removes: a
+    """Small calls are bound by the host's launch work (docs/performance.md), which a CUDA graph removes: a
     forward+backward captured once and replayed on new values in the same tensors gives the eager call's bits.
     D = 128 also asks the GPU for its shared memory while choosing tiles (tuning.TABLE's large configs)."""
     q, k, v, bias, mask = _inputs(1, 2, 64, D, torch.bfloat16, True)
