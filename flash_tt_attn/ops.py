@@ -77,13 +77,12 @@ def launch_config(kernel: str, L: int, head_dim: int, dtype: torch.dtype, device
     """The config of one launch of ``kernel`` ("forward", "dq", "dkdv", "dbias"): the tuning table's
     (flash_tt_attn/tuning.py), unless :func:`override` forces one."""
     opts = _options
-    for name, forced in opts.configs:
-        if name == kernel:
-            return forced
-    shared_memory = None
-    if opts.shared_memory_per_program is not None:
-        shared_memory = lambda index: opts.shared_memory_per_program  # noqa: E731
-    config = tuning.choose(kernel, L, head_dim, dtype, device, _launch_is_traced(), shared_memory)
+    config = dict(opts.configs).get(kernel)
+    if config is None:
+        shared_memory = None
+        if opts.shared_memory_per_program is not None:
+            shared_memory = lambda index: opts.shared_memory_per_program  # noqa: E731
+        config = tuning.choose(kernel, L, head_dim, dtype, device, _launch_is_traced(), shared_memory)
     if kernel in ("forward", "dq", "dkdv") and config.rows not in _ROWS[kernel]:
         raise ValueError(f"the {kernel} kernel takes {' or '.join(map(str, _ROWS[kernel]))} rows per program, "
                          f"not {config.rows}")

@@ -51,6 +51,12 @@ def test_override_is_scoped_and_restores_the_options_after_an_error():
     assert ops.options() is before and before.fast_exp2
 
 
+def test_a_forced_config_with_rows_a_kernel_does_not_take_is_an_error_too():
+    with ops.override(configs={"forward": ops.LaunchConfig(16, 16, 1, 1, rows=3)}):
+        with pytest.raises(ValueError, match="forward kernel takes 1 or 2 or 4 rows"):
+            ops.launch_config("forward", 64, 32, torch.float16, GPU)
+
+
 def test_rows_per_program_outside_what_a_kernel_takes_is_an_error():
     wrong = tuning.Entry(ops.LaunchConfig(64, 64, 4, 3, rows=3), "a config no kernel takes")
     key = ("dq", "16-32", "16-bit")
