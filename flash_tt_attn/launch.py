@@ -53,12 +53,17 @@ def _triton_is_checked() -> bool:
 MAX_ENTRIES = 4096
 
 
+def tensor_key(tensors: Sequence[torch.Tensor]) -> tuple:
+    """What Triton specializes a tensor argument on: its dtype and whether its data pointer is 16-byte aligned."""
+    return tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
+
+
 def call_key(tensors: Sequence[torch.Tensor], scalars: tuple, constants: dict) -> tuple:
     """The cache key of one launch, finer than Triton's specialization: the tensors' dtypes and 16-byte
     alignment, the integer and float arguments' exact values and types, and the constants' values. Two
     calls with equal keys are specialized alike by Triton; unequal keys only cost a normal launch."""
     return (
-        tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]),
+        tensor_key(tensors),
         scalars,
         tuple(map(type, scalars)),  # 1 == 1.0 == True as values; Triton tells int, float and bool apart
         tuple(constants.items()),
@@ -115,7 +120,7 @@ class FastLauncher:
         if plan_key is None:
             key = (device, call_key(tensors, scalars, constants))
         else:
-            key = (device, plan_key, tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]))
+            key = (device, plan_key, tensor_key(tensors))
         entry = self._cache.get(key)
         if entry is None:
             self.misses += 1
