@@ -94,10 +94,26 @@ def check_lengths(lengths, batch_shape, L: int, device: torch.device, *, caller:
         raise ValueError(f"{caller}: lengths must lie in [0, L] = [0, {L}], got {lengths.tolist()}")
 
 
+def padded_extents(lengths: torch.Tensor, first_row: int = 0, rows: Optional[int] = None) -> torch.Tensor:
+    """The kernels' form of a padded tail: a (B, 2) int32 tensor holding, per batch item, how many of the
+    rows ``first_row, first_row + 1, ...`` (``rows`` of them; all when None) are real residues, and how many
+    columns (keys and queries) are: ``lengths[b]``. Computed on lengths' device, without a host sync."""
+    n = lengths.to(torch.int32)
+    real_rows = (n - first_row).clamp(min=0) if rows is None else (n - first_row).clamp(0, rows)
+    return torch.stack((real_rows, n), dim=1).contiguous()
+
+
+def extents_mask(extents: torch.Tensor, R: int, L: int) -> torch.Tensor:
+    """The bool (B, R, L) mask of :func:`padded_extents`: row r and column k both real. It is the key mask of
+    a padded tail and, read over queries j instead of keys, the mask of its real (row, query) pairs."""
+    real_rows = torch.arange(R, device=extents.device) < extents[:, :1]  # (B, R)
+    real_cols = torch.arange(L, device=extents.device) < extents[:, 1:]  # (B, L)
+    return real_rows[:, :, None] & real_cols[:, None, :]
+
+
 def lengths_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
     """The bool (B, L, L) pair mask of a padded tail: ``mask[b, i, k] = i < lengths[b] and k < lengths[b]``."""
-    valid = torch.arange(L, device=lengths.device) < lengths[:, None]  # (B, L)
-    return valid[:, :, None] & valid[:, None, :]
+    return extents_mask(padded_extents(lengths), L, L)
 
 
 def _uses_triton(device: torch.device, dtype: torch.dtype) -> bool:
@@ -135,26 +151,32 @@ def _interpreted_bf16(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and _uses_triton(device, dtype)
 
 
-def run_attention(q, k, v, bias, scale: float, mask) -> torch.Tensor:
+def run_attention(q, k, v, bias, scale: float, mask, extents: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The computation behind :func:`attention` (inputs already checked, scale resolved), also for
-    row shards (q of shape (B, H, R, L, D)): picks the path and names the shapes on out-of-memory."""
+    row shards (q of shape (B, H, R, L, D)): picks the path and names the shapes on out-of-memory.
+    ``extents`` (:func:`padded_extents`) marks a padded tail: keys past it are left out, and its padded
+    (row, query) pairs give 0."""
     if _interpreted_bf16(q.device, q.dtype):
         # fp32 kernels, a bf16 result; gradients flow back through the casts and come out in bf16.
-        out = run_attention(q.float(), k.float(), v.float(), bias.float(), scale, mask)
+        out = run_attention(q.float(), k.float(), v.float(), bias.float(), scale, mask, extents)
         return out.to(q.dtype)
     try:
         if _uses_triton(q.device, q.dtype):
             from .ops import DirectAttention, attention_fwd, direct_call_allowed, forward_without_grad  # noqa: PLC0415
 
-            if direct_call_allowed(q, k, v, bias, mask):
+            if direct_call_allowed(q, k, v, bias, mask, extents):
                 if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                                      or bias.requires_grad)):
-                    return forward_without_grad(q, k, v, bias, mask, scale)
-                out, _ = DirectAttention.apply(q, k, v, bias, mask, scale)
+                    return forward_without_grad(q, k, v, bias, mask, scale, extents)
+                out, _ = DirectAttention.apply(q, k, v, bias, mask, scale, extents)
             else:
-                out, _ = attention_fwd(q, k, v, bias, mask, scale)
+                out, _ = attention_fwd(q, k, v, bias, mask, scale, extents)
             return out
-        return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)
+        if extents is None:
+            return reference.attention_chunked(q, k, v, bias, scale=scale, mask=mask)
+        real = extents_mask(extents, q.shape[2], q.shape[3])
+        out = reference.attention_chunked(q, k, v, bias, scale=scale, mask=real if mask is None else mask & real)
+        return out * real[:, None, :, :, None]
     except torch.OutOfMemoryError as error:
         raise out_of_memory(error, "forward", q) from error
 
@@ -188,11 +210,12 @@ def attention(
         mask: optional bool (B, L, L); True = this key takes part. A row whose keys
             are all excluded gives 0 output and 0 gradients.
         lengths: optional integer (B,) tensor, 0 ≤ lengths[b] ≤ L: sequence b has
-            lengths[b] residues and a padded tail, i.e. the mask
-            ``mask[b, i, k] = i < lengths[b] and k < lengths[b]`` (rows i in the tail have no
-            valid key and give 0), and'ed with ``mask`` when both are given. The result
-            equals the call with that mask, bitwise: for now it is implemented by building
-            the mask, so it is equivalent to the mask; programs do not yet skip padded blocks.
+            lengths[b] residues and a padded tail. Keys k ≥ lengths[b] are left out (and'ed
+            with ``mask`` when both are given), and every padded pair (i or j ≥ lengths[b])
+            gives 0: the result equals, bitwise, the call with
+            ``mask[b, i, k] = i < lengths[b] and k < lengths[b]`` times that same mask read
+            over (i, j). The kernels skip every tile that holds only padding, in the forward
+            and the backward, so a padded batch item costs about its real length's work.
 
     Returns:
         (B, H, L, L, D) tensor with q's dtype.
@@ -223,10 +246,9 @@ def attention(
         torch.Size([1, 2, 8, 8, 16])
     """
     check_inputs(q, k, v, bias, scale, mask)
+    extents = None
     if lengths is not None:
-        L = q.shape[-2]
-        check_lengths(lengths, q.shape[:1], L, q.device)
-        from_lengths = lengths_mask(lengths, L)
-        mask = from_lengths if mask is None else mask & from_lengths
+        check_lengths(lengths, q.shape[:1], q.shape[-2], q.device)
+        extents = padded_extents(lengths)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return run_attention(q, k, v, bias, scale, mask)
+    return run_attention(q, k, v, bias, scale, mask, extents)

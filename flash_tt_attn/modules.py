@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import SUPPORTED_HEAD_DIMS, attention, check_inputs, check_lengths, lengths_mask, run_attention
+from .api import SUPPORTED_HEAD_DIMS, check_inputs, check_lengths, extents_mask, padded_extents, run_attention
 
 __all__ = [
     "TriangleAttention",
@@ -214,13 +214,14 @@ class _TriangleAttentionBase(nn.Module):
     #: (:class:`TriangleAttention`: yes; the unfused reference chunks only when asked).
     _auto_chunk = False
 
-    def _attention_core(self, q, k, v, bias, mask):
+    def _attention_core(self, q, k, v, bias, mask, extents):
         """q, k, v: (B, H, R, L, c_hidden) for R ≤ L rows i (R < L only in a chunked forward);
-        bias (B, H, L, L), the whole bias; mask bool (B, R, L) or None."""
+        bias (B, H, L, L), the whole bias; mask bool (B, R, L) or None; extents (B, 2) or None: a padded
+        tail (api.padded_extents, for these R rows), whose keys are left out and whose padded pairs give 0."""
         raise NotImplementedError
 
-    def _pair_mask(self, x, mask, lengths):
-        """The bool (*, L, L) mask of ``x`` from ``mask`` and ``lengths`` (logical and), or None."""
+    def _pair_mask(self, x, mask):
+        """The bool (*, L, L) mask of ``x`` from ``mask``, or None."""
         if mask is not None:
             if not isinstance(mask, torch.Tensor):
                 raise TypeError(f"{type(self).__name__}: mask must be a torch.Tensor or None, "
@@ -228,12 +229,6 @@ class _TriangleAttentionBase(nn.Module):
             if mask.dtype != torch.bool:
                 mask = mask > 0.5
             mask = torch.broadcast_to(mask, x.shape[:-1])
-        if lengths is not None:
-            L, lead = x.shape[-2], x.shape[:-3]
-            check_lengths(lengths, lead, L, x.device, caller=f"{type(self).__name__}.forward()",
-                          layout="x.shape[:-3]")
-            from_lengths = lengths_mask(lengths.reshape(-1), L).reshape(*lead, L, L)
-            mask = from_lengths if mask is None else mask & from_lengths
         return mask
 
     def _chunk_rows(self, x, chunk_size, rows_total):
@@ -280,9 +275,12 @@ class _TriangleAttentionBase(nn.Module):
                 MKL's fp32 GEMM below 12 rows is an exception, off by a few ulp). With
                 gradients on, a given size chunks too: same output, gradients equal to rounding.
             lengths: optional integer (*,) tensor, ``x.shape[:-3]``: residues at positions
-                ≥ ``lengths[b]`` are padding, i.e. the mask ``(i < n) & (j < n)``, and'ed with
-                ``mask``. The output equals that of the masked call (programs do not yet skip
-                padded blocks).
+                ≥ ``lengths[b]`` are padding. Attention leaves the padded keys out (and'ed with
+                ``mask``) and gives 0 at every padded pair (i or j ≥ n), as
+                :func:`flash_tt_attn.attention` does; its kernels skip the padded tiles. At the
+                real pairs the output equals the call with ``mask = (i < n) & (j < n)``; at the
+                padded ones the attention output is 0 (the block then returns the gated
+                output projection of 0, i.e. its bias).
             **openfold_kwargs: accepted and ignored, so calls written for OpenFold's
                 module (``use_lma=``, ``use_memory_efficient_kernel=``, ``inplace_safe=``, ...)
                 work unchanged.
@@ -295,8 +293,12 @@ class _TriangleAttentionBase(nn.Module):
             raise ValueError(f"{type(self).__name__}: x must have shape (*, L, L, c_in={self.c_in}), "
                              f"got {tuple(x.shape)}")
         L, lead = x.shape[-2], x.shape[:-3]
-        mask = self._pair_mask(x, mask, lengths)
-        if not self.starting:
+        mask = self._pair_mask(x, mask)
+        if lengths is not None:
+            check_lengths(lengths, lead, L, x.device, caller=f"{type(self).__name__}.forward()",
+                          layout="x.shape[:-3]")
+            lengths = lengths.reshape(-1)
+        if not self.starting:  # a padded tail is the same on both pair dims: lengths need no transpose
             x = x.transpose(-2, -3)
             mask = None if mask is None else mask.transpose(-1, -2)
         x = x.reshape(-1, L, L, self.c_in)
@@ -304,15 +306,15 @@ class _TriangleAttentionBase(nn.Module):
             mask = mask.reshape(-1, L, L)
         rows = self._chunk_rows(x, chunk_size, L)
         if rows is not None:
-            out = self._forward_chunked(x, mask, rows)
+            out = self._forward_chunked(x, mask, rows, lengths)
         else:
-            out = self._forward_whole(x, mask)
+            out = self._forward_whole(x, mask, lengths)
         out = out.reshape(*lead, L, L, self.c_in)
         if not self.starting:
             out = out.transpose(-2, -3)
         return out
 
-    def _forward_whole(self, x, mask):
+    def _forward_whole(self, x, mask, lengths):
         """x (B, L, L, c_in), rows i along dim 1 (already transposed for the ending node)."""
         B, L, H, D = x.shape[0], x.shape[1], self.no_heads, self.c_hidden
         x = self.layer_norm(x)
@@ -321,13 +323,14 @@ class _TriangleAttentionBase(nn.Module):
                    for lin in (self.mha.linear_q, self.mha.linear_k, self.mha.linear_v))
         bias = self.linear(x).permute(0, 3, 1, 2)
 
-        o = self._attention_core(q, k, v, bias, mask)  # (B, H, L, L, D)
+        extents = None if lengths is None else padded_extents(lengths)
+        o = self._attention_core(q, k, v, bias, mask, extents)  # (B, H, L, L, D)
 
         g = torch.sigmoid(self.mha.linear_g(x)).view(B, L, L, H, D)
         o = (o.permute(0, 2, 3, 1, 4) * g).reshape(B, L, L, H * D)
         return self.mha.linear_o(o)
 
-    def _forward_chunked(self, x, mask, rows):
+    def _forward_chunked(self, x, mask, rows, lengths):
         """:meth:`_forward_whole` for blocks of ``rows`` rows i at a time, into a preallocated output.
 
         The same operations on each row as the whole call: layer norm, the linear layers (whose
@@ -356,7 +359,8 @@ class _TriangleAttentionBase(nn.Module):
             xr = self.layer_norm(x[:, r])
             q, k, v = (lin(xr).view(B, R, L, H, D).permute(0, 3, 1, 2, 4)
                        for lin in (self.mha.linear_q, self.mha.linear_k, self.mha.linear_v))
-            o = self._attention_core(q, k, v, bias, None if mask is None else mask[:, r])
+            extents = None if lengths is None else padded_extents(lengths, r.start, R)
+            o = self._attention_core(q, k, v, bias, None if mask is None else mask[:, r], extents)
             g = torch.sigmoid(self.mha.linear_g(xr)).view(B, R, L, H, D)
             o = (o.permute(0, 2, 3, 1, 4) * g).reshape(B, R, L, H * D)
             o = self.mha.linear_o(o)
@@ -411,7 +415,7 @@ class TriangleAttention(_TriangleAttentionBase):
 
     _auto_chunk = True
 
-    def _attention_core(self, q, k, v, bias, mask):
+    def _attention_core(self, q, k, v, bias, mask, extents):
         # One dtype for all four (under autocast: the autocast dtype the projections gave).
         # Contiguous copies of the permuted projections: attention() takes strided views
         # too (tests/test_attention.py), but the block benchmark (experiments/block.yaml)
@@ -425,10 +429,10 @@ class TriangleAttention(_TriangleAttentionBase):
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with torch.autocast(device_type=q.device.type, enabled=False):
             if q.shape[2] == q.shape[3]:
-                o = attention(q, k, v, bias, scale=self.scale, mask=mask)
+                check_inputs(q, k, v, bias, self.scale, mask, caller="TriangleAttention")
             else:  # a chunk of rows i (chunked forward): attention()'s checks and paths, for R < L rows
                 check_inputs(q, k, v, bias, self.scale, mask, caller="TriangleAttention (chunked)", row_block=True)
-                o = run_attention(q, k, v, bias, self.scale, mask)
+            o = run_attention(q, k, v, bias, self.scale, mask, extents)
         return o[..., : self.c_hidden] if pad else o
 
 
@@ -452,7 +456,11 @@ class TriangleAttentionReference(_TriangleAttentionBase):
         torch.Size([1, 8, 8, 16])
     """
 
-    def _attention_core(self, q, k, v, bias, mask):
+    def _attention_core(self, q, k, v, bias, mask, extents):
+        real = None
+        if extents is not None:
+            real = extents_mask(extents, q.shape[2], q.shape[3])
+            mask = real if mask is None else mask & real
         acc = torch.promote_types(q.dtype, torch.float32)
         s = torch.einsum("bhijd,bhikd->bhijk", q, k) * self.scale + bias[:, :, None]
         s = s.to(acc)
@@ -460,7 +468,8 @@ class TriangleAttentionReference(_TriangleAttentionBase):
             mask_bias = self.inf * (mask.to(acc) - 1.0)  # (B, L_i, L_k)
             s = s + mask_bias[:, None, :, None, :]
         p = torch.softmax(s, dim=-1)
-        return torch.einsum("bhijk,bhikd->bhijd", p.to(v.dtype), v)
+        o = torch.einsum("bhijk,bhikd->bhijd", p.to(v.dtype), v)
+        return o if real is None else o * real[:, None, :, :, None]
 
 
 def replace_openfold_triangle_attention(model: nn.Module, cls: type = TriangleAttention) -> int:

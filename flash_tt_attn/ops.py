@@ -137,13 +137,16 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _even(L: int, cfg: LaunchConfig) -> bool:
-    """L is a multiple of both tile sizes: the kernels can drop their bounds masks."""
-    return L % cfg.block_j == 0 and L % cfg.block_k == 0
+def _even(L: int, cfg: LaunchConfig, has_extents: bool) -> bool:
+    """L is a multiple of both tile sizes and no padded tail ends inside a tile: the kernels can drop their
+    bounds masks."""
+    return L % cfg.block_j == 0 and L % cfg.block_k == 0 and not has_extents
 
 
-def _tile_args(L: int, cfg: LaunchConfig) -> dict:
-    return dict(EVEN_L=_even(L, cfg), BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k)
+def _tile_args(L: int, cfg: LaunchConfig, common: tuple) -> dict:
+    """The tile constants of a backward launch, whose ``common`` constants (backward_constants) say whether
+    a padded tail is given."""
+    return dict(EVEN_L=_even(L, cfg, dict(common)["HAS_EXTENTS"]), BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k)
 
 
 def _launch_options(cfg: LaunchConfig) -> dict:
@@ -193,6 +196,14 @@ def _mask_args(mask: Optional[torch.Tensor], like: torch.Tensor):
         return like, (0, 0, 0), False
     as_bytes = mask.to(torch.uint8)
     return as_bytes, tuple(as_bytes.stride()), True
+
+
+def _extents_args(extents: Optional[torch.Tensor], like: torch.Tensor):
+    """The (B, 2) int32 counts of real rows and real columns (a padded tail; api.padded_extents), or a dummy
+    pointer."""
+    if extents is None:
+        return like, False
+    return extents, True
 
 
 SUM_BLOCK = 1024  # elements per program of the split reduction
@@ -273,14 +284,15 @@ def _plan(build, *signature):
     return plan
 
 
-def _forward_plan(shape, q_s, k_s, v_s, bias_s, mask_s, has_mask, dtype, device, scale):
+def _forward_plan(shape, q_s, k_s, v_s, bias_s, mask_s, has_mask, has_extents, dtype, device, scale):
     B, H, R, L, D = shape
     cfg = launch_config("forward", L, D, dtype, device)
     grid = (cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H)
     scalars = (*q_s, *k_s, *v_s, *_contiguous_strides(shape), *bias_s, *mask_s,
                *_contiguous_strides((B, H, R, L)), H, R, L, scale)
     constants = dict(
-        HAS_MASK=has_mask, EVEN_L=_even(L, cfg), Q_PRESCALED=_q_prescaled(dtype, scale) and cfg.prescale,
+        HAS_MASK=has_mask, HAS_EXTENTS=has_extents, EVEN_L=_even(L, cfg, has_extents),
+        Q_PRESCALED=_q_prescaled(dtype, scale) and cfg.prescale,
         ROWS=cfg.rows, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(dtype), DOT_PRECISION=_dot_precision(dtype),
         FAST_EXP2=_fast_exp2(dtype, device), ROW_OFFSET_DTYPE=row_offset_dtype(L, D, k_s, v_s),
@@ -288,12 +300,13 @@ def _forward_plan(shape, q_s, k_s, v_s, bias_s, mask_s, has_mask, dtype, device,
     return _launch_plan(grid, scalars, constants)
 
 
-def launch_forward(q, k, v, bias, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_forward(q, k, v, bias, mask, scale: float, extents=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel's launch, behind both :func:`attention_fwd` and :class:`DirectAttention`:
     returns the output (q's dtype) and the base-2 log-sum-exp (B, H, R, L), fp32.
 
     q, k, v: (B, H, R, L, D) hold R rows i (R = L for the whole pair tensor, fewer for a
-    shard of rows); bias (B, H, L, L); mask (B, R, L) or None.
+    shard of rows); bias (B, H, L, L); mask (B, R, L) or None; extents (B, 2) int32 or None: per batch
+    item the real rows among these R and the real columns of L (a padded tail, api.padded_extents).
     """
     B, H, R, L, D = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -301,19 +314,20 @@ def launch_forward(q, k, v, bias, mask, scale: float) -> tuple[torch.Tensor, tor
     if q.numel() == 0:  # no rows (an empty shard), no pairs or no batch: nothing to launch
         return out, lse
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
+    extents_t, has_extents = _extents_args(extents, q)
     plan = _plan(_forward_plan, q.shape, q.stride(), k.stride(), v.stride(), bias.stride(), mask_strides, has_mask,
-                 q.dtype, q.device, scale)
-    _launch(attention_fwd_kernel, plan, (q, k, v, bias, mask_t, out, lse))
+                 has_extents, q.dtype, q.device, scale)
+    _launch(attention_fwd_kernel, plan, (q, k, v, bias, mask_t, extents_t, out, lse))
     return out, lse
 
 
 @triton_op("flash_tt_attn::attention_fwd", mutates_args=())
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-    mask: Optional[torch.Tensor], scale: float,
+    mask: Optional[torch.Tensor], scale: float, extents: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward as a custom op (:func:`launch_forward`): the output and the base-2 log-sum-exp, fp32."""
-    return launch_forward(q, k, v, bias, mask, scale)
+    return launch_forward(q, k, v, bias, mask, scale, extents)
 
 
 def _dq_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, dtype, device, scale, common):
@@ -323,7 +337,7 @@ def _dq_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, dtype, device,
     scalars = (*q_s, *_contiguous_strides(shape), *k_s, *v_s, *out_s, *dout_s, *bias_s, *mask_s,
                *_contiguous_strides((B, H, R, L)), H, R, L, scale)
     constants = dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=row_offset_dtype(L, D, k_s, v_s),
-                     SETTLE=_settle(dtype, device, cfg), **_prescaled(dict(common), cfg), **_tile_args(L, cfg),
+                     SETTLE=_settle(dtype, device, cfg), **_prescaled(dict(common), cfg), **_tile_args(L, cfg, common),
                      **_launch_options(cfg))
     return _launch_plan(grid, scalars, constants)
 
@@ -342,7 +356,7 @@ def _dbias_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, sca
     grid = (cdiv(L, cfg.block_j) * cdiv(L, cfg.block_k), splits, B * H)
     scalars = (*q_s, *k_s, *v_s, *dout_s, *bias_s, *mask_s, *_contiguous_strides((B, H, R, L)),
                *_contiguous_strides(partial_shape), H, R, L, rows_per_split, scale)
-    constants = dict(UNSCALED_SCORES=_dbias_unscaled_scores(scale), **dict(common), **_tile_args(L, cfg),
+    constants = dict(UNSCALED_SCORES=_dbias_unscaled_scores(scale), **dict(common), **_tile_args(L, cfg, common),
                      **_launch_options(cfg))
     split_sum = None
     if splits > 1:
@@ -364,15 +378,16 @@ def _dkdv_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scal
     scalars = (*q_s, *k_s, *v_s, *grads_s, *grads_s, *dout_s, *tiles_s, *mask_s,
                *_contiguous_strides((B, H, R, L)), H, R, L, scale)
     constants = dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=row_offset_dtype(L, D, q_s, dout_s),
-                     SETTLE=_settle(dtype, device, cfg), **_prescaled(dict(common), cfg), **_tile_args(L, cfg),
+                     SETTLE=_settle(dtype, device, cfg), **_prescaled(dict(common), cfg), **_tile_args(L, cfg, common),
                      **_launch_options(cfg))
     return KeyValueGradientPlan(cfg.key_major_bias, _launch_plan(grid, scalars, constants))
 
 
 def backward_constants(dtype: torch.dtype, device: torch.device, head_dim: int, has_mask: bool,
-                       scale: float) -> tuple:
+                       scale: float, has_extents: bool = False) -> tuple:
     """The compile-time constants every backward kernel takes, as (name, value) pairs (a plan signature)."""
-    return (("HAS_MASK", has_mask), ("Q_PRESCALED", _q_prescaled(dtype, scale)), ("HEAD_DIM", head_dim),
+    return (("HAS_MASK", has_mask), ("HAS_EXTENTS", has_extents), ("Q_PRESCALED", _q_prescaled(dtype, scale)),
+            ("HEAD_DIM", head_dim),
             ("ACC_DTYPE", _acc_dtype(dtype)), ("DOT_PRECISION", _dot_precision(dtype)),
             ("FAST_EXP2", _fast_exp2(dtype, device)))
 
@@ -383,15 +398,15 @@ class BackwardPlan(NamedTuple):
     dkdv: KeyValueGradientPlan
 
 
-def _backward_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, has_mask, dtype, device, scale):
-    common = backward_constants(dtype, device, shape[-1], has_mask, scale)
+def _backward_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, has_mask, has_extents, dtype, device, scale):
+    common = backward_constants(dtype, device, shape[-1], has_mask, scale, has_extents)
     return BackwardPlan(
         _dq_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, dtype, device, scale, common),
         _dbias_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common),
         _dkdv_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common))
 
 
-def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float) -> tuple[torch.Tensor, ...]:
+def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float, extents=None) -> tuple[torch.Tensor, ...]:
     """The backward kernels' launches, behind both :func:`attention_bwd` and :class:`DirectAttention`:
     returns dq, dk, dv (their inputs' dtypes) and dbias (bias's dtype), summed over the R rows.
 
@@ -405,19 +420,21 @@ def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float) -> tuple[
         empty = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
         return empty[0], empty[1], empty[2], torch.zeros_like(bias)
     mask_t, mask_s, has_mask = _mask_args(mask, q)
+    extents_t, has_extents = _extents_args(extents, q)
     device = q.device
     plans = _plan(_backward_plan, q.shape, q.stride(), k.stride(), v.stride(), out.stride(), dout.stride(),
-                  bias.stride(), mask_s, has_mask, q.dtype, device, scale)
+                  bias.stride(), mask_s, has_mask, has_extents, q.dtype, device, scale)
 
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     # dq, and delta = rowsum(dO · O) into delta for the two kernels that follow.
-    _launch(attention_bwd_dq_kernel, plans.dq, (q, k, v, bias, mask_t, out, dout, lse, delta, dq))
+    _launch(attention_bwd_dq_kernel, plans.dq, (q, k, v, bias, mask_t, extents_t, out, dout, lse, delta, dq))
     dbias_plan = plans.dbias
 
     def bias_gradient():
         partial = torch.empty(dbias_plan.partial_shape, dtype=dbias_plan.partial_dtype, device=device)
-        _launch(attention_bwd_dbias_kernel, dbias_plan.kernel, (q, k, v, bias, mask_t, dout, lse, delta, partial))
+        _launch(attention_bwd_dbias_kernel, dbias_plan.kernel,
+                (q, k, v, bias, mask_t, extents_t, dout, lse, delta, partial))
         if dbias_plan.split_sum is None:
             return partial[0]
         # Fixed-order reduction over the splits: deterministic, unlike float atomics.
@@ -432,7 +449,8 @@ def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float) -> tuple[
         # The same bias values, strided key-major (a copy unless it already is, as for the ending node's
         # transposed view): this kernel's transposed tiles then load as contiguous vectors.
         bias_tiles = bias.mT.contiguous().mT if plan.key_major_bias else bias
-        _launch(attention_bwd_dkdv_kernel, plan.kernel, (q, k, v, bias_tiles, mask_t, dout, lse, delta, dk, dv))
+        _launch(attention_bwd_dkdv_kernel, plan.kernel,
+                (q, k, v, bias_tiles, mask_t, extents_t, dout, lse, delta, dk, dv))
         return dk, dv
 
     if dbias_plan.split_sum is not None:
@@ -448,15 +466,16 @@ def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float) -> tuple[
 def attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
     mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
+    extents: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward as a custom op (:func:`launch_backward`): dq, dk, dv and dbias."""
-    return launch_backward(dout, q, k, v, bias, mask, out, lse, scale)
+    return launch_backward(dout, q, k, v, bias, mask, out, lse, scale, extents)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, scale = inputs
+    q, k, v, bias, mask, scale, extents = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, mask, out, lse)
+    ctx.save_for_backward(q, k, v, bias, mask, out, lse, extents)
     ctx.scale = scale
     # lse is an output only for the backward's sake and never receives a gradient: without this,
     # autograd would allocate a zero fp32 tensor the size of lse (B·H·R·L) for every backward.
@@ -464,15 +483,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _gradients(ctx, dout, backward) -> tuple:
-    """The gradients for q, k, v, bias, mask and scale, from ``backward`` (the op or its launcher)."""
+    """The gradients for q, k, v, bias, mask, scale and extents, from ``backward`` (the op or its launcher)."""
     if dout is None:  # nothing downstream used the output (lse has no gradient: see _setup_context)
-        return None, None, None, None, None, None
-    q, k, v, bias, mask, out, lse = ctx.saved_tensors
+        return None, None, None, None, None, None, None
+    q, k, v, bias, mask, out, lse, extents = ctx.saved_tensors
     try:
-        dq, dk, dv, dbias = backward(dout, q, k, v, bias, mask, out, lse, ctx.scale)
+        dq, dk, dv, dbias = backward(dout, q, k, v, bias, mask, out, lse, ctx.scale, extents)
     except torch.OutOfMemoryError as error:
         raise out_of_memory(error, "backward", q) from error
-    return dq, dk, dv, dbias, None, None
+    return dq, dk, dv, dbias, None, None, None
 
 
 def _backward(ctx, dout, dlse):
@@ -494,11 +513,11 @@ def direct_call_allowed(*tensors: Optional[torch.Tensor]) -> bool:
             and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
 
 
-def forward_without_grad(q, k, v, bias, mask, scale: float) -> torch.Tensor:
+def forward_without_grad(q, k, v, bias, mask, scale: float, extents=None) -> torch.Tensor:
     """A plain eager forward that records no autograd graph (grad mode off, or no input needing a gradient):
     the forward kernel's launch alone, as :class:`DirectAttention` would run it."""
     with set_wrap_triton_enabled(False):
-        return launch_forward(q, k, v, bias, mask, scale)[0]
+        return launch_forward(q, k, v, bias, mask, scale, extents)[0]
 
 
 class DirectAttention(torch.autograd.Function):
@@ -513,10 +532,10 @@ class DirectAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, mask, scale):
+    def forward(ctx, q, k, v, bias, mask, scale, extents):
         with set_wrap_triton_enabled(False):
-            output = launch_forward(q, k, v, bias, mask, scale)
-        _setup_context(ctx, (q, k, v, bias, mask, scale), output)
+            output = launch_forward(q, k, v, bias, mask, scale, extents)
+        _setup_context(ctx, (q, k, v, bias, mask, scale, extents), output)
         return output
 
     @staticmethod

@@ -148,7 +148,7 @@ def test_no_grad_forward_chunks_automatically(monkeypatch):
     seen = []
     real = modules._TriangleAttentionBase._forward_chunked
     monkeypatch.setattr(modules._TriangleAttentionBase, "_forward_chunked",
-                        lambda self, x, mask, rows: seen.append(rows) or real(self, x, mask, rows))
+                        lambda self, x, mask, rows, lengths: seen.append(rows) or real(self, x, mask, rows, lengths))
     per_row = 6 * (2 * 8 + 8 * 32) * 4
     monkeypatch.setattr(modules, "CPU_CHUNK_BYTES", 2 * 2 * per_row)  # B=2: two rows per chunk
     with torch.no_grad():
@@ -209,46 +209,108 @@ def test_lengths_mask_is_the_padded_tail_pair_mask():
         assert torch.equal(got[b], valid[:, None] & valid[None, :])
 
 
+def masked_then_zeroed(q, k, v, bias, lengths, mask=None, scale=None):
+    """What lengths= promises: the call with the padded-tail key mask (and'ed with ``mask``), its padded
+    (i, j) pairs then set to 0."""
+    real = lengths_mask(lengths, q.shape[-2])
+    out = fta.attention(q, k, v, bias, scale, mask=real if mask is None else mask & real)
+    return out * real[:, None, :, :, None]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_attention_lengths_equals_the_mask(dtype):
+def test_attention_lengths_equals_the_masked_call_with_padded_pairs_zeroed(dtype):
     B, H, L, D = 2, 2, 6, 16
     q, k, v = (torch.randn(B, H, L, L, D).to(dtype) for _ in range(3))
     bias = torch.randn(B, H, L, L).to(dtype)
     lengths = torch.tensor([6, 3])
     mask = (torch.rand(B, L, L) < 0.7) | torch.eye(L, dtype=torch.bool)
-    assert torch.equal(fta.attention(q, k, v, bias, lengths=lengths),
-                       fta.attention(q, k, v, bias, mask=lengths_mask(lengths, L)))
+    got = fta.attention(q, k, v, bias, lengths=lengths)
+    assert torch.equal(got, masked_then_zeroed(q, k, v, bias, lengths))
+    assert not bool(got[1, :, :3, 3:].any()) and not bool(got[1, :, 3:].any())  # the padded pairs are 0
+    assert bool(got[1, :, :3, :3].abs().sum() > 0)  # ... and the real ones are not
     assert torch.equal(fta.attention(q, k, v, bias, mask=mask, lengths=lengths),
-                       fta.attention(q, k, v, bias, mask=mask & lengths_mask(lengths, L)))
+                       masked_then_zeroed(q, k, v, bias, lengths, mask))
     assert torch.equal(fta.attention(q, k, v, bias, lengths=torch.tensor([L, L], dtype=torch.int32)),
                        fta.attention(q, k, v, bias))
 
 
-def test_attention_lengths_gradients_equal_the_mask():
+def _outputs_and_gradients(ins, dout, call):
+    leaves = [t.clone().requires_grad_() for t in ins]
+    out = call(*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
+
+
+# Tiles of 16 with L = 19: a padded tail that ends inside a tile (6, 0) and one that covers whole tiles (6),
+# rows per program 1, 2 and 4 (a program's rows straddle the tail), lengths 0 and L, three splits of dbias.
+_TAIL_CONFIGS = {
+    "rows1": {"forward": (1,), "dq": (1,), "dkdv": (1,)},
+    "rows2": {"forward": (2,), "dq": (2,), "dkdv": (2,)},
+    "rows4": {"forward": (4,), "dq": (2,), "dkdv": (1,)},
+}
+
+
+@pytest.mark.parametrize("rows, masked", [("rows1", False), ("rows2", False), ("rows4", False), ("rows2", True)],
+                         ids=["rows1", "rows2", "rows4", "rows2-mask"])
+def test_attention_lengths_gradients_equal_the_masked_call(rows, masked):
+    """Forward and all four gradients bitwise equal to :func:`masked_then_zeroed`'s, for tiles of 16 whose
+    programs skip the padded tail (kernels/forward.py, kernels/backward.py), with and without a mask."""
+    if not api._uses_triton(torch.device("cpu"), torch.float32):
+        pytest.skip("the kernels' tiles: needs TRITON_INTERPRET=1")
+    from flash_tt_attn import ops
+
+    L, lengths = 19, [19, 6, 0]
+    B, H, D = len(lengths), 1, 16
+    torch.manual_seed(L)
+    ins = [torch.randn(B, H, L, L, D) for _ in range(3)] + [torch.randn(B, H, L, L)]
+    dout = torch.randn(B, H, L, L, D)
+    lengths = torch.tensor(lengths)
+    mask = (torch.rand(B, L, L) < 0.8) if masked else None
+    configs = {kernel: ops.LaunchConfig(16, 16, 2, 1, rows=r[0]) for kernel, r in _TAIL_CONFIGS[rows].items()}
+    configs["dbias"] = ops.LaunchConfig(16, 16, 2, 1)
+    with ops.override(configs=configs, dbias_splits=3):
+        got = _outputs_and_gradients(ins, dout, lambda *t: fta.attention(*t, 0.3, mask=mask, lengths=lengths))
+        want = _outputs_and_gradients(ins, dout, lambda *t: masked_then_zeroed(*t, lengths, mask, 0.3))
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got, want, strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_attention_lengths_gradients_against_fp64():
+    """The gradients of lengths= against the fp64 PyTorch reference of the same function (any path)."""
     B, H, L, D = 2, 1, 5, 16
     ins = [torch.randn(B, H, L, L, D) for _ in range(3)] + [torch.randn(B, H, L, L)]
     dout = torch.randn(B, H, L, L, D)
     lengths = torch.tensor([2, 5])
-    results = []
-    for kw in ({"lengths": lengths}, {"mask": lengths_mask(lengths, L)}):
-        leaves = [t.clone().requires_grad_() for t in ins]
-        out = fta.attention(*leaves, **kw)
-        results.append([out.detach(), *torch.autograd.grad(out, leaves, dout)])
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    got = _outputs_and_gradients(ins, dout, lambda *t: fta.attention(*t, lengths=lengths))
+    real = lengths_mask(lengths, L)
+
+    def reference(q, k, v, bias):
+        return fta.reference.attention_reference(q, k, v, bias, mask=real) * real[:, None, :, :, None]
+
+    want = _outputs_and_gradients([t.double() for t in ins], dout.double(), reference)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("chunk", [None, 2], ids=["whole", "chunk2"])
 @pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
-def test_module_lengths_equals_the_mask(starting, chunk):
+def test_module_lengths_equals_the_masked_call_at_real_pairs(starting, chunk):
+    """The block with lengths= is the masked block at every real pair; at padded pairs its attention output is
+    0, so the block returns its output projection's bias there; chunked equals unchunked."""
     m = block(starting=starting)
     x, mask = pair(L=6)
     lengths = torch.tensor([6, 3])
+    real = lengths_mask(lengths, 6)
     with torch.no_grad():
-        want = m(x, lengths_mask(lengths, 6), chunk_size=chunk)
-        assert torch.equal(m(x, lengths=lengths, chunk_size=chunk), want)
+        got = m(x, lengths=lengths, chunk_size=chunk)
+        assert_chunked_equal(got, m(x, lengths=lengths), "chunked lengths")
+        want = m(x, real, chunk_size=chunk)
+        assert torch.equal(got[real], want[real])
+        assert torch.equal(got[~real], m.mha.linear_o.bias.expand_as(got[~real]))
         both = m(x, mask, chunk_size=chunk, lengths=lengths)
-        assert torch.equal(both, m(x, mask & lengths_mask(lengths, 6), chunk_size=chunk))
+        assert torch.equal(both[real], m(x, mask & real, chunk_size=chunk)[real])
+        ref = block(fta.TriangleAttentionReference, starting=starting)
+        ref.load_state_dict(m.state_dict())
+        torch.testing.assert_close(ref(x, lengths=lengths, chunk_size=chunk), got, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("lengths, error, match", [

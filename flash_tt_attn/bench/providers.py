@@ -320,7 +320,9 @@ class CueqBlock(BlockProvider):
         fn = self._fn
 
         class CueqTriangleAttention(modules.TriangleAttention):
-            def _attention_core(self, q, k, v, bias, mask):
+            def _attention_core(self, q, k, v, bias, mask, extents):
+                if extents is not None:
+                    raise Unsupported("the cueq block takes no lengths= (no spec asks for it)")
                 dtype = q.dtype
                 q, k, v = (t.to(dtype).transpose(1, 2).contiguous() for t in (q, k, v))  # (B, R, H, L, D)
                 m = None if mask is None else mask[:, :, None, None, :]

@@ -25,6 +25,12 @@ dq and dk/dv pass their accumulating product through ``settle`` (common.py) when
 ``SETTLE``: without it ptxas serializes every wgmma of those kernels. ``EVEN_L``
 (L a multiple of both blocks) drops every bounds mask. ``LOOP_STAGES`` (None or the
 launch's num_stages) and ``ROW_OFFSET_DTYPE`` (int32 or int64) are explained in ops.py.
+
+With ``HAS_EXTENTS`` (a padded tail, see forward.py: per batch item the real rows of this call and the real
+columns), each kernel visits only the tiles that hold a real (row, key, query): dq only the real keys of
+real rows and query blocks, dk/dv only the real queries of real rows and key blocks, the bias gradient only
+the real rows of its tile when the tile holds a real query and key. Padded queries carry lse = +inf from the
+forward (p = 0) and O = 0 (delta = 0); what is skipped would have added exact zeros.
 """
 
 import triton
@@ -80,7 +86,7 @@ def _dq_row_step(q, do, lse, delta, k_ptrs, vt_ptrs, mask_ptrs, bias, dq, k_in, 
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, BIAS, MASK, OUT, DOUT, LSE, DELTA, DQ,
+    Q, K, V, BIAS, MASK, EXTENTS, OUT, DOUT, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qi, stride_qj, stride_qd,
     stride_dqb, stride_dqh, stride_dqi, stride_dqj, stride_dqd,
     stride_kb, stride_kh, stride_ki, stride_kk, stride_kd,
@@ -92,6 +98,7 @@ def attention_bwd_dq_kernel(
     stride_lb, stride_lh, stride_li, stride_lj,
     H, R, L, scale,
     HAS_MASK: tl.constexpr,
+    HAS_EXTENTS: tl.constexpr,
     EVEN_L: tl.constexpr,
     Q_PRESCALED: tl.constexpr,
     ROWS: tl.constexpr,
@@ -118,6 +125,14 @@ def attention_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     j_in = offs_j < L
     offs_j64 = offs_j[:, None].to(tl.int64)
+    if HAS_EXTENTS:
+        real_rows = tl.load(EXTENTS + 2 * b)
+        real_cols = tl.load(EXTENTS + 2 * b + 1)
+        key_end = tl.where((row0 < real_rows) & (j_block * BLOCK_J < real_cols), real_cols, 0)
+        key_rows = tl.minimum(R, real_rows)
+    else:
+        key_end = L
+        key_rows = R
 
     q_base = Q + b * stride_qb + h * stride_qh + offs_j64 * stride_qj + offs_d[None, :] * stride_qd
     do_base = DOUT + b * stride_dob + h * stride_doh + offs_j64 * stride_doj + offs_d[None, :] * stride_dod
@@ -136,16 +151,16 @@ def attention_bwd_dq_kernel(
     if ROWS == 2:
         # The second row may lie past R: treat its queries as out of range (p = 0, nothing stored).
         j_in1 = j_in & ((offs_j * 0 + row1) < R)
-        k_in1_row = (tl.arange(0, BLOCK_K) * 0 + row1) < R
+        k_in1_row = (tl.arange(0, BLOCK_K) * 0 + row1) < key_rows
         q1, do1, lse1, delta1 = _dq_row_start(
             q_base + row1 * stride_qi, do_base + row1 * stride_doi, o_base + row1 * stride_oi,
             LSE + lse_base + row1 * stride_li, DELTA + lse_base + row1 * stride_li, scale, j_in1,
             True, Q_PRESCALED, ACC_DTYPE)
         dq1 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
 
-    for k_start in tl.range(0, L, BLOCK_K, num_stages=LOOP_STAGES):
+    for k_start in tl.range(0, key_end, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k_start + tl.arange(0, BLOCK_K)
-        k_in = offs_k < L
+        k_in = offs_k < key_end
         k_rel = offs_k[:, None].to(ROW_OFFSET_DTYPE) * stride_kk + offs_d[None, :] * stride_kd
         vt_rel = offs_k[None, :].to(ROW_OFFSET_DTYPE) * stride_vk + offs_d[:, None] * stride_vd
         bias_ptrs = bias_base + offs_k[None, :] * stride_bk
@@ -219,7 +234,7 @@ def _dkdv_row_start(k_ptrs, v_ptrs, mask_ptrs, k_in, scale, LOAD_MASKED: tl.cons
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, BIAS, MASK, DOUT, LSE, DELTA, DK, DV,
+    Q, K, V, BIAS, MASK, EXTENTS, DOUT, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qi, stride_qj, stride_qd,
     stride_kb, stride_kh, stride_ki, stride_kk, stride_kd,
     stride_vb, stride_vh, stride_vi, stride_vk, stride_vd,
@@ -231,6 +246,7 @@ def attention_bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_li, stride_lj,
     H, R, L, scale,
     HAS_MASK: tl.constexpr,
+    HAS_EXTENTS: tl.constexpr,
     EVEN_L: tl.constexpr,
     Q_PRESCALED: tl.constexpr,
     ROWS: tl.constexpr,
@@ -258,11 +274,22 @@ def attention_bwd_dkdv_kernel(
     k_in = offs_k < L
     offs_k64 = offs_k[:, None].to(tl.int64)
 
+    if HAS_EXTENTS:
+        real_rows = tl.load(EXTENTS + 2 * b)
+        real_cols = tl.load(EXTENTS + 2 * b + 1)
+        key_real = offs_k < tl.where(row0 < real_rows, real_cols, 0)
+        query_end = tl.where((row0 < real_rows) & (k_block * BLOCK_K < real_cols), real_cols, 0)
+        key_rows = tl.minimum(R, real_rows)
+    else:
+        key_real = k_in
+        query_end = L
+        key_rows = R
+
     k_base = K + b * stride_kb + h * stride_kh + offs_k64 * stride_kk + offs_d[None, :] * stride_kd
     v_base = V + b * stride_vb + h * stride_vh + offs_k64 * stride_vk + offs_d[None, :] * stride_vd
     mask_base = MASK + b * stride_mb + offs_k * stride_mk
     k0, v0, keep0 = _dkdv_row_start(k_base + row0 * stride_ki, v_base + row0 * stride_vi,
-                                    mask_base + row0 * stride_mi, k_in, scale, not EVEN_L, HAS_MASK, Q_PRESCALED)
+                                    mask_base + row0 * stride_mi, key_real, scale, not EVEN_L, HAS_MASK, Q_PRESCALED)
     dk0 = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
     dv0 = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
     if ROWS == 2:
@@ -270,7 +297,8 @@ def attention_bwd_dkdv_kernel(
         k_in1 = k_in & ((offs_k * 0 + row1) < R)
         j_in1_row = (tl.arange(0, BLOCK_J) * 0 + row1) < R
         k1, v1, keep1 = _dkdv_row_start(k_base + row1 * stride_ki, v_base + row1 * stride_vi,
-                                        mask_base + row1 * stride_mi, k_in1, scale, True, HAS_MASK, Q_PRESCALED)
+                                        mask_base + row1 * stride_mi, key_real & ((offs_k * 0 + row1) < key_rows),
+                                        scale, True, HAS_MASK, Q_PRESCALED)
         dk1 = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
         dv1 = tl.zeros([BLOCK_K, HEAD_DIM], dtype=ACC_DTYPE)
 
@@ -279,7 +307,7 @@ def attention_bwd_dkdv_kernel(
     lse_base = b * stride_lb + h * stride_lh
     bias_base = BIAS + b * stride_bb + h * stride_bh + offs_k64 * stride_bk
 
-    for j_start in tl.range(0, L, BLOCK_J, num_stages=LOOP_STAGES):
+    for j_start in tl.range(0, query_end, BLOCK_J, num_stages=LOOP_STAGES):
         offs_j = j_start + tl.arange(0, BLOCK_J)
         j_in = offs_j < L
         q_rel = offs_j[:, None].to(ROW_OFFSET_DTYPE) * stride_qj + offs_d[None, :] * stride_qd
@@ -316,7 +344,7 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def attention_bwd_dbias_kernel(
-    Q, K, V, BIAS, MASK, DOUT, LSE, DELTA, DBIAS_PARTIAL,
+    Q, K, V, BIAS, MASK, EXTENTS, DOUT, LSE, DELTA, DBIAS_PARTIAL,
     stride_qb, stride_qh, stride_qi, stride_qj, stride_qd,
     stride_kb, stride_kh, stride_ki, stride_kk, stride_kd,
     stride_vb, stride_vh, stride_vi, stride_vk, stride_vd,
@@ -327,6 +355,7 @@ def attention_bwd_dbias_kernel(
     stride_ps, stride_pb, stride_ph, stride_pj, stride_pk,
     H, R, L, rows_per_split, scale,
     HAS_MASK: tl.constexpr,
+    HAS_EXTENTS: tl.constexpr,
     EVEN_L: tl.constexpr,
     Q_PRESCALED: tl.constexpr,
     UNSCALED_SCORES: tl.constexpr,
@@ -366,8 +395,18 @@ def attention_bwd_dbias_kernel(
         # The accumulator of the unscaled q·kᵀ: s = scale·(q·kᵀ + bias/scale), the scale folded into exp2's FMA.
         bias = bias / scale
 
+    if HAS_EXTENTS:
+        real_rows = tl.load(EXTENTS + 2 * b)
+        real_cols = tl.load(EXTENTS + 2 * b + 1)
+        tile_real = (j_block * BLOCK_J < real_cols) & (k_block * BLOCK_K < real_cols)
+        row_end = tl.where(tile_real, tl.minimum(R, real_rows), 0)
+        key_real = offs_k < real_cols
+    else:
+        row_end = R
+        key_real = k_in
+
     row_start = split * rows_per_split
-    num_rows = tl.minimum(rows_per_split, R - row_start)
+    num_rows = tl.minimum(rows_per_split, row_end - row_start)
     dbias = tl.zeros([BLOCK_J, BLOCK_K], dtype=ACC_DTYPE)
     for r in tl.range(0, num_rows, num_stages=LOOP_STAGES):
         row = (row_start + r).to(tl.int64)
@@ -401,10 +440,10 @@ def attention_bwd_dbias_kernel(
             s = scores(prescale(q_tile, scale, Q_PRESCALED), kt, bias, scale, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
             p = exp2(s * LOG2E - lse[:, None], FAST_EXP2)
         if HAS_MASK:
-            keep = tl.load(MASK + b * stride_mb + row * stride_mi + offs_k * stride_mk, mask=k_in, other=0) != 0
+            keep = tl.load(MASK + b * stride_mb + row * stride_mi + offs_k * stride_mk, mask=key_real, other=0) != 0
             p = tl.where(keep[None, :], p, 0.0)
         elif not EVEN_L:
-            p = tl.where(k_in[None, :], p, 0.0)
+            p = tl.where(key_real[None, :], p, 0.0)
         dp = tl.dot(do_tile, vt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dbias += p * (dp - delta[:, None])
 

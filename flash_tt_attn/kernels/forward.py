@@ -14,6 +14,11 @@ accumulator of the q·kᵀ product; log2(e) is folded into the softmax's exponen
 FMA per score), so the softmax needs only exp2. With LOOP_STAGES set, the key loop
 pipelines the bias tile too (Triton alone pipelines only the products' operands);
 ROW_OFFSET_DTYPE is int32 when the offsets inside a row fit.
+
+With HAS_EXTENTS, EXTENTS holds per batch item two counts (B, 2), int32: the rows i of this call that are
+real residues, and the real columns (keys and queries; the rest is a padded tail). A program visits keys
+only up to the real columns, none when its first row or its whole query block is padding; padded queries
+store 0 and lse = +inf, so the backward sees p = 0 there.
 """
 
 import triton
@@ -67,17 +72,24 @@ def _online_softmax_update(s, v_ptrs, m_i, l_i, acc, k_in, LOAD_MASKED: tl.const
 
 
 @triton.jit
-def _start_row(q_base, q_rel, row, stride_qi, R, scale, offs_j, j_in, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-               HEAD_DIM: tl.constexpr, Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Scaled q and empty softmax state of a row that may lie past the last row R - 1."""
+def _start_row(q_base, q_rel, row, stride_qi, R, key_rows, scale, offs_j, j_in, BLOCK_J: tl.constexpr,
+               BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Scaled q and empty softmax state of a row that may lie past the last row R - 1 (ok_j: stored),
+    or past the last row with keys, key_rows - 1 (ok_k: its keys are admitted)."""
     ok_j = (offs_j * 0 + row) < R
-    ok_k = (tl.arange(0, BLOCK_K) * 0 + row) < R
+    ok_k = (tl.arange(0, BLOCK_K) * 0 + row) < key_rows
     q = tl.load(q_base + row * stride_qi + q_rel, mask=j_in[:, None] & ok_j[:, None], other=0.0)
     q = prescale(q, scale, Q_PRESCALED)
     m = tl.full([BLOCK_J], float("-inf"), dtype=ACC_DTYPE)
     l_sum = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
     return q, m, l_sum, acc, ok_j, ok_k
+
+
+@triton.jit
+def _drop_padded_queries(l_i, acc, query_real):
+    """A row's state with its padded queries emptied: they store 0 and lse = +inf."""
+    return tl.where(query_real, l_i, 0.0), tl.where(query_real[:, None], acc, 0.0)
 
 
 @triton.jit
@@ -97,7 +109,7 @@ def _finish_row(m_i, l_i, acc, o_ptrs, lse_ptrs, store_mask, lse_mask, OUT_DTYPE
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, BIAS, MASK, OUT, LSE,
+    Q, K, V, BIAS, MASK, EXTENTS, OUT, LSE,
     stride_qb, stride_qh, stride_qi, stride_qj, stride_qd,
     stride_kb, stride_kh, stride_ki, stride_kk, stride_kd,
     stride_vb, stride_vh, stride_vi, stride_vk, stride_vd,
@@ -107,6 +119,7 @@ def attention_fwd_kernel(
     stride_lb, stride_lh, stride_li, stride_lj,
     H, R, L, scale,
     HAS_MASK: tl.constexpr,
+    HAS_EXTENTS: tl.constexpr,
     EVEN_L: tl.constexpr,
     Q_PRESCALED: tl.constexpr,
     ROWS: tl.constexpr,
@@ -130,6 +143,14 @@ def attention_fwd_kernel(
     offs_j = j_block * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, HEAD_DIM)
     j_in = offs_j < L
+    if HAS_EXTENTS:
+        real_rows = tl.load(EXTENTS + 2 * b)
+        real_cols = tl.load(EXTENTS + 2 * b + 1)
+        key_end = tl.where((row0 < real_rows) & (j_block * BLOCK_J < real_cols), real_cols, 0)
+        key_rows = tl.minimum(R, real_rows)
+    else:
+        key_end = L
+        key_rows = R
     offs_j64 = offs_j[:, None].to(tl.int64)
 
     q_rel = offs_j64 * stride_qj + offs_d[None, :] * stride_qd
@@ -149,17 +170,17 @@ def attention_fwd_kernel(
     l0 = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
     acc0 = tl.zeros([BLOCK_J, HEAD_DIM], dtype=ACC_DTYPE)
     if ROWS >= 2:
-        q1, m1, l1, acc1, ok1_j, ok1_k = _start_row(q_base, q_rel, row0 + 1, stride_qi, R, scale, offs_j, j_in,
-                                                    BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
+        q1, m1, l1, acc1, ok1_j, ok1_k = _start_row(q_base, q_rel, row0 + 1, stride_qi, R, key_rows, scale,
+                                                    offs_j, j_in, BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
     if ROWS >= 4:
-        q2, m2, l2, acc2, ok2_j, ok2_k = _start_row(q_base, q_rel, row0 + 2, stride_qi, R, scale, offs_j, j_in,
-                                                    BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
-        q3, m3, l3, acc3, ok3_j, ok3_k = _start_row(q_base, q_rel, row0 + 3, stride_qi, R, scale, offs_j, j_in,
-                                                    BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
+        q2, m2, l2, acc2, ok2_j, ok2_k = _start_row(q_base, q_rel, row0 + 2, stride_qi, R, key_rows, scale,
+                                                    offs_j, j_in, BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
+        q3, m3, l3, acc3, ok3_j, ok3_k = _start_row(q_base, q_rel, row0 + 3, stride_qi, R, key_rows, scale,
+                                                    offs_j, j_in, BLOCK_J, BLOCK_K, HEAD_DIM, Q_PRESCALED, ACC_DTYPE)
 
-    for k_start in tl.range(0, L, BLOCK_K, num_stages=LOOP_STAGES):
+    for k_start in tl.range(0, key_end, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k_start + tl.arange(0, BLOCK_K)
-        k_in = offs_k < L
+        k_in = offs_k < key_end
         kt_rel = offs_k[None, :].to(ROW_OFFSET_DTYPE) * stride_kk + offs_d[:, None] * stride_kd
         v_rel = offs_k[:, None].to(ROW_OFFSET_DTYPE) * stride_vk + offs_d[None, :] * stride_vd
         mask_rel = offs_k * stride_mk
@@ -194,6 +215,14 @@ def attention_fwd_kernel(
             m3, l3, acc3 = _online_softmax_update(s3, v_base + (row0 + 3) * stride_vi + v_rel, m3, l3, acc3,
                                                   kin3, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
 
+    if HAS_EXTENTS:
+        query_real = offs_j < real_cols
+        l0, acc0 = _drop_padded_queries(l0, acc0, query_real)
+        if ROWS >= 2:
+            l1, acc1 = _drop_padded_queries(l1, acc1, query_real)
+        if ROWS >= 4:
+            l2, acc2 = _drop_padded_queries(l2, acc2, query_real)
+            l3, acc3 = _drop_padded_queries(l3, acc3, query_real)
     o_rel = offs_j64 * stride_oj + offs_d[None, :] * stride_od
     o_base = OUT + b * stride_ob + h * stride_oh
     lse_base = LSE + b * stride_lb + h * stride_lh + offs_j.to(tl.int64) * stride_lj
