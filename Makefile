@@ -7,10 +7,11 @@ WORKDIR := /workspace/flash_tt_attn
 
 .PHONY: reproduce figures test lint docker-build docker-reproduce
 
-## reproduce: on a GPU machine, everything: GPU tests, gradchecks, every benchmark spec, figures
+## reproduce: on a GPU machine, everything: GPU tests, gradchecks, every benchmark spec, figures.
+## Rerun it to resume: suites that passed and points measured at this commit are not run again.
 reproduce:
-	$(NOX) -s gpu_tests
-	$(NOX) -s gradcheck
+	FLASH_TT_ATTN_RESUME=1 $(NOX) -s gpu_tests
+	FLASH_TT_ATTN_RESUME=1 $(NOX) -s gradcheck
 	$(NOX) -s bench -- $(SPECS)
 	$(NOX) -s figures
 

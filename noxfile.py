@@ -110,23 +110,44 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-m", "not gpu", "-q", *session.posargs)
 
 
+# `make reproduce` sets this: a suite that already passed in full at this commit on this kind of GPU
+# (experiments/logs/<gpu>/checks.jsonl, flash_tt_attn/bench/checks.py) is not run again.
+RESUME = "FLASH_TT_ATTN_RESUME"
+
+
+def _run_suite(session: nox.Session, name: str, *pytest_args: str, on_gpu: bool = True) -> None:
+    """pytest with these arguments. On a GPU, a full run (no posargs) that passes is recorded in checks.jsonl,
+    and with FLASH_TT_ATTN_RESUME=1 a suite recorded at this commit is skipped."""
+    full = on_gpu and not session.posargs
+    checks = ["python", "-m", "flash_tt_attn.bench", "checks"]
+    if full and os.environ.get(RESUME) == "1":
+        answer = str(session.run(*checks, "passed", name, silent=True)).strip().splitlines()[-1]
+        if answer == "passed":
+            session.log(f"{name}: passed at this commit on this GPU (checks.jsonl); not run again")
+            return
+    session.run("python", "-m", "pytest", *pytest_args, "-q", *session.posargs)
+    if full:
+        session.run(*checks, "record", name)
+
+
 @nox.session(**GPU_VENV)
 def gpu_tests(session: nox.Session) -> None:
     """GPU test suite (pytest -m gpu) with the machine's own torch/triton; stops at once without a CUDA GPU."""
     _require_cuda(session)
     _install_self(session, deps=False)
-    session.run("pytest", "-m", "gpu", "-q", *session.posargs)
+    _run_suite(session, "gpu_tests", "-m", "gpu", "--durations=10")
 
 
 @nox.session(**GPU_VENV)
 def gradcheck(session: nox.Session) -> None:
     """fp64 gradchecks of the kernels (pytest -m gradcheck): on the GPU if there is one, else the interpreter."""
-    if _has_cuda(session):
+    on_gpu = _has_cuda(session)
+    if on_gpu:
         _install_self(session, deps=False)
     else:  # the CPU: the kernels under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
         _ensure_torch(session)
         _install_self(session, "test")
-    session.run("python", "-m", "pytest", "-m", "gradcheck", "-q", *session.posargs)
+    _run_suite(session, "gradcheck", "-m", "gradcheck", on_gpu=on_gpu)
 
 
 @nox.session(**GPU_VENV)

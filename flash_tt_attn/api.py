@@ -90,16 +90,21 @@ def check_lengths(lengths, batch_shape, L: int, device: torch.device, *, caller:
     if lengths.device != device:
         raise ValueError(f"{caller}: lengths is on {lengths.device} but the inputs are on {device}; all inputs "
                          "must be on one device")
-    if lengths.numel() and (bool((lengths < 0).any()) or bool((lengths > L).any())):
+    # Reading the values syncs with the GPU, and torch.compile cannot branch on them: there padded_extents'
+    # clamp to [0, L] stands in for the check.
+    if lengths.numel() and not torch.compiler.is_compiling() and (bool((lengths < 0).any())
+                                                                  or bool((lengths > L).any())):
         raise ValueError(f"{caller}: lengths must lie in [0, L] = [0, {L}], got {lengths.tolist()}")
 
 
-def padded_extents(lengths: torch.Tensor, first_row: int = 0, rows: Optional[int] = None) -> torch.Tensor:
+def padded_extents(lengths: torch.Tensor, L: int, first_row: int = 0, rows: Optional[int] = None) -> torch.Tensor:
     """The kernels' form of a padded tail: a (B, 2) int32 tensor holding, per batch item, how many of the
-    rows ``first_row, first_row + 1, ...`` (``rows`` of them; all when None) are real residues, and how many
-    columns (keys and queries) are: ``lengths[b]``. Computed on lengths' device, without a host sync."""
-    n = lengths.to(torch.int32)
-    real_rows = (n - first_row).clamp(min=0) if rows is None else (n - first_row).clamp(0, rows)
+    rows ``first_row, first_row + 1, ...`` (``rows`` of them; ``L - first_row`` when None) are real residues,
+    and how many of the L columns (keys and queries) are: ``lengths[b]``. Computed on lengths' device
+    without a host sync, and clamped to [0, L], so the kernels never index past the tensors whatever the
+    values (:func:`check_lengths` rejects values outside [0, L] first, except under torch.compile)."""
+    n = lengths.to(torch.int32).clamp(0, L)
+    real_rows = (n - first_row).clamp(0, L - first_row if rows is None else rows)
     return torch.stack((real_rows, n), dim=1).contiguous()
 
 
@@ -113,7 +118,7 @@ def extents_mask(extents: torch.Tensor, R: int, L: int) -> torch.Tensor:
 
 def lengths_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
     """The bool (B, L, L) pair mask of a padded tail: ``mask[b, i, k] = i < lengths[b] and k < lengths[b]``."""
-    return extents_mask(padded_extents(lengths), L, L)
+    return extents_mask(padded_extents(lengths, L), L, L)
 
 
 def _uses_triton(device: torch.device, dtype: torch.dtype) -> bool:
@@ -249,6 +254,6 @@ def attention(
     extents = None
     if lengths is not None:
         check_lengths(lengths, q.shape[:1], q.shape[-2], q.device)
-        extents = padded_extents(lengths)
+        extents = padded_extents(lengths, q.shape[-2])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return run_attention(q, k, v, bias, scale, mask, extents)

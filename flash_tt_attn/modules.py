@@ -323,7 +323,7 @@ class _TriangleAttentionBase(nn.Module):
                    for lin in (self.mha.linear_q, self.mha.linear_k, self.mha.linear_v))
         bias = self.linear(x).permute(0, 3, 1, 2)
 
-        extents = None if lengths is None else padded_extents(lengths)
+        extents = None if lengths is None else padded_extents(lengths, L)
         o = self._attention_core(q, k, v, bias, mask, extents)  # (B, H, L, L, D)
 
         g = torch.sigmoid(self.mha.linear_g(x)).view(B, L, L, H, D)
@@ -359,7 +359,7 @@ class _TriangleAttentionBase(nn.Module):
             xr = self.layer_norm(x[:, r])
             q, k, v = (lin(xr).view(B, R, L, H, D).permute(0, 3, 1, 2, 4)
                        for lin in (self.mha.linear_q, self.mha.linear_k, self.mha.linear_v))
-            extents = None if lengths is None else padded_extents(lengths, r.start, R)
+            extents = None if lengths is None else padded_extents(lengths, L, r.start, R)
             o = self._attention_core(q, k, v, bias, None if mask is None else mask[:, r], extents)
             g = torch.sigmoid(self.mha.linear_g(xr)).view(B, R, L, H, D)
             o = (o.permute(0, 2, 3, 1, 4) * g).reshape(B, R, L, H * D)

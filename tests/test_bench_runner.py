@@ -68,6 +68,20 @@ def test_rows_follow_the_schema_and_rerun_resumes(tmp_path):
     assert len(read_rows(log_of(logs))) == 8 and len(newest(read_rows(log_of(logs)))) == 4
 
 
+def test_rows_of_another_commit_do_not_settle_a_point(tmp_path, monkeypatch):
+    """A rerun at a new commit measures every point again (appending); back at the old commit, its rows count."""
+    specs, logs = make_spec(tmp_path, modes=("fwd",))
+    monkeypatch.setenv("FLASH_TT_ATTN_GIT_SHA", "1111111")
+    monkeypatch.setenv("FLASH_TT_ATTN_GIT_DIRTY", "0")
+    assert run(specs, logs, "tiny") == 2
+    monkeypatch.setenv("FLASH_TT_ATTN_GIT_SHA", "2222222")
+    assert run(specs, logs, "tiny") == 2
+    assert run(specs, logs, "tiny") == 0
+    monkeypatch.setenv("FLASH_TT_ATTN_GIT_SHA", "1111111")
+    assert run(specs, logs, "tiny") == 0
+    assert [r["git_sha"] for r in read_rows(log_of(logs))] == ["1111111"] * 2 + ["2222222"] * 2
+
+
 HOST_GRAPH = ("host_ms", "host_ms_p20", "host_ms_p80", "host_wall_ms", "host_calls", "graph_ms", "graph_ms_p20",
               "graph_ms_p80", "graph_error")
 
@@ -316,3 +330,22 @@ def test_bias_free_ceilings_on_the_gpu():
             out = providers.from_layout(provider.bind(*native, bias)(), provider.layout).double()
         rel = ((out - expected).norm() / expected.norm()).item()
         assert rel < 2e-3, (cls.name, rel)
+
+
+def test_checks_log_resumes_a_passed_suite_only_at_its_commit_with_a_clean_tree(tmp_path):
+    """make reproduce's record of passed suites (bench/checks.py): a suite counts as passed only for the commit
+    and GPU it passed on, never for a dirty tree; the figures ignore the file."""
+    from flash_tt_attn.bench import checks
+
+    env = {"gpu": "NVIDIA H200", "driver": None, "cuda": None, "torch": "x", "triton": "y", "git_sha": "abc1234",
+           "dirty": False}
+    assert not checks.passed("gpu_tests", tmp_path, env)
+    path = checks.record("gpu_tests", tmp_path, env)
+    assert path == tmp_path / "nvidia-h200" / "checks.jsonl"
+    assert checks.passed("gpu_tests", tmp_path, env)
+    assert not checks.passed("gradcheck", tmp_path, env)
+    assert not checks.passed("gpu_tests", tmp_path, {**env, "git_sha": "def5678"})
+    assert not checks.passed("gpu_tests", tmp_path, {**env, "gpu": "NVIDIA H100 80GB HBM3"})
+    assert not checks.passed("gpu_tests", tmp_path, {**env, "dirty": True})
+    [row] = read_rows(path)
+    assert row["check"] == "gpu_tests" and row["git_sha"] == "abc1234" and row["timestamp"]

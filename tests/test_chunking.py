@@ -116,10 +116,13 @@ def test_gpu_chunked_equals_unchunked_bitwise(starting, dtype):
     m = block(starting=starting, c_in=128, c_hidden=32, heads=4).to(device="cuda", dtype=dtype)
     x = torch.randn(1, 200, 200, 128, device="cuda").to(dtype)
     mask = (torch.rand(1, 200, 200, device="cuda") < 0.9) | torch.eye(200, dtype=torch.bool, device="cuda")
+    lengths = torch.tensor([150], device="cuda")  # a padded tail: per-chunk extents, chunks past the tail
     with torch.no_grad():
         whole = m(x, mask, chunk_size=200)
+        padded = m(x, mask, chunk_size=200, lengths=lengths)
         for chunk in (1, 64, 77):
             assert torch.equal(m(x, mask, chunk_size=chunk), whole), f"chunk_size={chunk}"
+            assert torch.equal(m(x, mask, chunk_size=chunk, lengths=lengths), padded), f"lengths, chunk_size={chunk}"
 
 
 # ---------------------------------------------------------------------------------------- chunk sizes

@@ -7,6 +7,7 @@ from helpers import forward_and_grads
 from torch._library.triton import set_wrap_triton_enabled
 
 from flash_tt_attn import attention, ops, tuning
+from flash_tt_attn.api import lengths_mask
 from flash_tt_attn.reference import attention_chunked
 
 pytestmark = pytest.mark.gpu
@@ -97,6 +98,30 @@ def test_compile_fullgraph_matches_eager(D):
     # passes as fp64 (kernels/common.py), so the results are bitwise equal, not just close.
     for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want, strict=True):
         assert torch.equal(g, w), name
+
+
+def _masked_then_zeroed(q, k, v, bias, lengths):
+    """What lengths= promises: the call with the padded-tail key mask, its padded (i, j) pairs set to 0."""
+    real = lengths_mask(lengths, q.shape[-2])
+    return attention(q, k, v, bias, mask=real) * real[:, None, :, :, None]
+
+
+@pytest.mark.parametrize("dtype, D", [(torch.bfloat16, 32), (torch.float16, 64), (torch.float32, 32)],
+                         ids=["bf16-D32", "fp16-D64", "fp32-D32"])
+def test_lengths_skip_padding_and_match_the_masked_call_bitwise(dtype, D):
+    """The GPU's tiles (64-128 wide, 2-4 rows per program) against a padded tail that ends inside a tile, one
+    that covers whole tiles and an empty sequence: forward and gradients bitwise equal to the masked call whose
+    padded pairs are zeroed, eager and under torch.compile(fullgraph=True)."""
+    q, k, v, bias, _ = _inputs(3, 2, 200, D, dtype, False)
+    dout = torch.randn_like(q)
+    lengths = torch.tensor([200, 77, 0], device="cuda")
+    got = forward_and_grads(attention, q, k, v, bias, dout, lengths=lengths)
+    want = forward_and_grads(_masked_then_zeroed, q, k, v, bias, dout, lengths=lengths)
+    for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want, strict=True):
+        assert torch.equal(g, w), name
+    compiled = forward_and_grads(torch.compile(attention, fullgraph=True), q, k, v, bias, dout, lengths=lengths)
+    for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), compiled, got, strict=True):
+        assert torch.equal(g, w), f"compiled {name}"
 
 
 @pytest.mark.parametrize("D", [32, 128])

@@ -45,6 +45,13 @@ def test_offline_compile_one_kernel():
     assert result.stdout.startswith("dbias: compiled ("), result.stdout
 
 
+def test_offline_compile_the_padded_tail_forward():
+    """The forward's padded-tail variant (lengths=: per-item extents, four rows per program) compiles for sm_90."""
+    result = _run("offline_compile.py", "--padded-tail", "--kernel", "forward")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("forward: compiled ("), result.stdout
+
+
 SPEC = """id: tiny-scaling
 description: a CPU smoke test
 provider: flash_tt_attn

@@ -72,7 +72,7 @@ def test_rows_per_program_outside_what_a_kernel_takes_is_an_error():
 def test_launch_plans_follow_the_options():
     """A plan is cached per call signature and options: a different option builds a different plan."""
     signature = ((1, 1, 16, 16, 16), (4096, 4096, 256, 16, 1), (4096, 4096, 256, 16, 1), (4096, 4096, 256, 16, 1),
-                 (256, 256, 16, 1), (0, 0, 0), False, torch.float16, torch.device("cpu"), 0.25)
+                 (256, 256, 16, 1), (0, 0, 0), False, False, torch.float16, torch.device("cpu"), 0.25)
     with set_wrap_triton_enabled(False):
         plan = ops._plan(ops._forward_plan, *signature)
         assert ops._plan(ops._forward_plan, *signature) is plan  # cached

@@ -68,7 +68,7 @@ def integer_args(key_major_bias=False):
 
 
 def compile_one(fn, constexprs, key_major_bias=False):
-    pointers = dict(MASK="*u8", LSE="*fp32", DELTA="*fp32")
+    pointers = dict(MASK="*u8", EXTENTS="*i32", LSE="*fp32", DELTA="*fp32")
     ints = integer_args(key_major_bias)
     signature, attrs, constants = {}, {}, dict(constexprs)
     for index, name in enumerate(fn.arg_names):
@@ -93,6 +93,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--warp-specialize", action="store_true",
                     help="compile a copy whose main loops ask for Triton's automatic warp specialization")
+    ap.add_argument("--padded-tail", action="store_true",
+                    help="compile the variants for a padded tail (lengths=: HAS_EXTENTS, bounds masks on, the most "
+                         "rows per program)")
     ap.add_argument("--kernel", action="append", choices=KERNEL_NAMES,
                     help="compile only this kernel (repeatable); default: all four")
     args = ap.parse_args(argv)
@@ -107,13 +110,17 @@ def main(argv=None):
             (directory / f.name).write_text(text)
         shutil.rmtree(directory / "__pycache__", ignore_errors=True)
         kernels = load_kernels(directory)
-        common = dict(HAS_MASK=False, EVEN_L=True, Q_PRESCALED=True, BLOCK_J=64, BLOCK_K=64, HEAD_DIM=D,
+        padded = args.padded_tail
+        common = dict(HAS_MASK=False, HAS_EXTENTS=padded, EVEN_L=not padded, Q_PRESCALED=True,
+                      BLOCK_J=64, BLOCK_K=64, HEAD_DIM=D,
                       ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", FAST_EXP2=True, LOOP_STAGES=3)
         cases = {
-            "forward": (kernels["forward"].attention_fwd_kernel, dict(ROWS=2, ROW_OFFSET_DTYPE=tl.int32)),
-            "dq": (kernels["backward"].attention_bwd_dq_kernel, dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
+            "forward": (kernels["forward"].attention_fwd_kernel,
+                        dict(ROWS=4 if padded else 2, ROW_OFFSET_DTYPE=tl.int32)),
+            "dq": (kernels["backward"].attention_bwd_dq_kernel,
+                   dict(ROWS=2 if padded else 1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
             "dkdv": (kernels["backward"].attention_bwd_dkdv_kernel,
-                     dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
+                     dict(ROWS=2 if padded else 1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
             "dbias": (kernels["backward"].attention_bwd_dbias_kernel, dict(UNSCALED_SCORES=True)),
         }
         for name, (fn, extra) in cases.items():

@@ -4,6 +4,7 @@
     python -m flash_tt_attn.bench run smoke --dry-run            # list points, todo / done
     python -m flash_tt_attn.bench figures                        # logs -> paper_figures/
     python -m flash_tt_attn.bench validate                       # check every experiments/*.yaml
+    python -m flash_tt_attn.bench checks passed gpu_tests        # did this suite pass at this commit here?
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", parents=[common], help="validate specs (default: all) and count their points")
     val.add_argument("spec", nargs="*", help="spec ids or paths")
+
+    chk = sub.add_parser("checks", parents=[common],
+                         help="test suites passed per commit and GPU (<logs>/<gpu>/checks.jsonl): ask or record")
+    chk.add_argument("action", choices=("passed", "record"),
+                     help="passed: print 'passed' or 'not passed' at this commit; record: append a passing row")
+    chk.add_argument("name", help="suite name, e.g. gpu_tests")
     return ap
 
 
@@ -53,6 +60,13 @@ def main(argv=None) -> int:
 
             for path in build(args.specs, args.logs, args.out):
                 print(path)
+        elif args.command == "checks":
+            from . import checks  # noqa: PLC0415
+
+            if args.action == "record":
+                print(checks.record(args.name, args.logs))
+            else:
+                print("passed" if checks.passed(args.name, args.logs) else "not passed")
         else:
             paths = [resolve_spec(s, args.specs) for s in args.spec] or all_spec_paths(args.specs)
             for path in paths:

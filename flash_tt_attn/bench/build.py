@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .logs import newest, read_rows
+from .logs import CHECKS_LOG, newest, read_rows
 from .spec import METRIC_FIELDS, all_spec_paths, load_spec, matches, row_key
 
 
@@ -43,7 +43,7 @@ def build(specs_dir="experiments", logs_dir="experiments/logs", out_dir="paper_f
     written, index = [], []
     slugs = sorted(p.name for p in logs_dir.iterdir() if p.is_dir()) if logs_dir.is_dir() else []
     for slug in slugs:
-        known = {s.id for s in specs}
+        known = {s.id for s in specs} | {CHECKS_LOG}
         for stray in sorted((logs_dir / slug).glob("*.jsonl")):
             if stray.stem not in known:
                 print(f"flash_tt_attn.bench: {stray}: no spec {stray.stem}.yaml; ignored", file=sys.stderr)

@@ -19,6 +19,9 @@ from pathlib import Path
 
 from .spec import row_key
 
+#: The one log in a GPU's folder that is not a spec's: the test suites passed there (bench/checks.py).
+CHECKS_LOG = "checks"
+
 
 def _warn(msg: str) -> None:
     print(f"flash_tt_attn.bench: {msg}", file=sys.stderr)

@@ -1,8 +1,10 @@
 """The ``run`` command: measure every point of the given specs that the log does not hold yet.
 
-Resume rule: a point is done when its log holds a row with the same key (:data:`spec.KEY_FIELDS`)
-and status ``ok``, ``oom`` or ``unsupported``, and an ``ok`` row holds the fields of every metric the
-spec asks for (a metric added to a spec measures its points again; the newest row wins). Points whose
+Resume rule: a point is done when its log holds a row with the same key (:data:`spec.KEY_FIELDS`),
+measured at the same git commit as this run (rows of older code stay in the log but measure nothing
+for the current one: a rerun after a commit reproduces every point), with status ``ok``, ``oom`` or
+``unsupported``, and an ``ok`` row holds the fields of every metric the spec asks for (a metric added
+to a spec measures its points again; the newest row wins). Points whose
 rows say ``error`` are measured again on every run (errors are usually bugs that get fixed; the newest
 row wins in the figures). ``--force`` measures every point again (new rows are appended; nothing is
 ever deleted but a torn last line).
@@ -104,9 +106,11 @@ def is_done(row: dict, spec: Spec) -> bool:
     return status != "ok" or all(METRIC_FIELDS[m][0] in row for m in spec.metrics)
 
 
-def todo_points(spec: Spec, path: Path, force: bool = False) -> tuple[list[Point], list[Point]]:
-    """(todo, done): the spec's points split by whether ``path`` already holds a done row for them."""
-    done_keys = {row_key(r) for r in read_rows(path) if is_done(r, spec)}
+def todo_points(spec: Spec, path: Path, force: bool = False,
+                commit: str | None = None) -> tuple[list[Point], list[Point]]:
+    """(todo, done): the spec's points split by whether ``path`` already holds a done row for them, measured
+    at git commit ``commit`` (the run's ``git_sha``)."""
+    done_keys = {row_key(r) for r in read_rows(path) if is_done(r, spec) and r.get("git_sha") == commit}
     pts = spec.points()
     if force:
         return pts, []
@@ -127,7 +131,7 @@ def run_specs(names, specs_dir="experiments", logs_dir="experiments/logs", devic
         path = log_path(logs_dir, slug, spec.id)
         if not dry_run:
             repair_tail(path)
-        todo, done = todo_points(spec, path, force)
+        todo, done = todo_points(spec, path, force, env["git_sha"])
         if dry_run:
             print(f"# {spec.id} -> {path}: {len(todo)} to measure, {len(done)} done", file=out)
             todo_keys = {p.key() for p in todo}
@@ -135,7 +139,7 @@ def run_specs(names, specs_dir="experiments", logs_dir="experiments/logs", devic
                 print(f"{spec.id}\t{p.label()}\t{'todo' if p.key() in todo_keys else 'done'}", file=out)
             continue
         if not todo:
-            print(f"{spec.id}: all {len(done)} points already in {path}", file=sys.stderr)
+            print(f"{spec.id}: all {len(done)} points already in {path} at this commit", file=sys.stderr)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         bar = _progress(todo, spec.id)
