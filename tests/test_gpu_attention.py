@@ -111,7 +111,7 @@ def _masked_then_zeroed(q, k, v, bias, lengths):
 def test_lengths_skip_padding_and_match_the_masked_call_bitwise(dtype, D):
     """The GPU's tiles (64-128 wide, 2-4 rows per program) against a padded tail that ends inside a tile, one
     that covers whole tiles and an empty sequence: forward and gradients bitwise equal to the masked call whose
-    padded pairs are zeroed, eager and under torch.compile(fullgraph=True)."""
+    padded pairs are zeroed, eager and (bf16) under torch.compile(fullgraph=True)."""
     q, k, v, bias, _ = _inputs(3, 2, 200, D, dtype, False)
     dout = torch.randn_like(q)
     lengths = torch.tensor([200, 77, 0], device="cuda")
@@ -119,6 +119,8 @@ def test_lengths_skip_padding_and_match_the_masked_call_bitwise(dtype, D):
     want = forward_and_grads(_masked_then_zeroed, q, k, v, bias, dout, lengths=lengths)
     for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want, strict=True):
         assert torch.equal(g, w), name
+    if dtype != torch.bfloat16:  # one compiled case is enough: each compile takes the host tens of seconds
+        return
     compiled = forward_and_grads(torch.compile(attention, fullgraph=True), q, k, v, bias, dout, lengths=lengths)
     for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), compiled, got, strict=True):
         assert torch.equal(g, w), f"compiled {name}"
