@@ -11,8 +11,11 @@ figures install what they need (the CPU build of torch when there is no torch) a
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
+import pathlib
 import shutil
+import site
 
 import nox
 
@@ -51,8 +54,27 @@ def _has(session: nox.Session, code: str) -> bool:
     return str(out).strip().endswith("True")
 
 
+def _share_machine_packages(session: nox.Session) -> None:
+    """Let this session's virtualenv import the packages of the python that runs nox: the machine's own torch
+    and triton. --system-site-packages does that when nox runs on a system python, but not when that python is
+    itself a virtual environment (as on GPU images that install torch into one: virtualenv then bases the
+    session on the interpreter underneath, whose site-packages lack torch) or keeps torch in a user site."""
+    if _has(session, "__import__('importlib.util').util.find_spec('torch')"):
+        return
+    torch_spec = importlib.util.find_spec("torch")
+    if torch_spec is None or not torch_spec.origin:
+        return
+    candidates = [*site.getsitepackages(), site.getusersitepackages(), str(pathlib.Path(torch_spec.origin).parents[1])]
+    dirs = list(dict.fromkeys(d for d in candidates if os.path.isdir(d)))
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = str(session.run("python", "-c", code, silent=True, log=False)).strip().splitlines()[-1]
+    pathlib.Path(purelib, "machine-packages.pth").write_text("\n".join(dirs) + "\n")
+    session.log(f"the machine's packages, from the python running nox: {', '.join(dirs)}")
+
+
 def _ensure_torch(session: nox.Session) -> None:
     """Keep a torch that the environment already has (a GPU machine's); otherwise install the CPU torch."""
+    _share_machine_packages(session)
     if not _has(session, "__import__('importlib.util').util.find_spec('torch')"):
         session.install(CPU_TORCH)
 
@@ -86,6 +108,7 @@ else:
 def _has_cuda(session: nox.Session) -> bool:
     """Whether the session's python sees a CUDA GPU through torch; stops the session, with one line, when the
     machine has an NVIDIA driver but no torch to reuse."""
+    _share_machine_packages(session)
     found = str(session.run("python", "-c", _CUDA_PROBE, silent=True, log=False)).strip().split()[-1]
     if found == "no-torch":
         session.error("this session needs the machine's own CUDA build of torch >= 2.11 (none is installed): "
