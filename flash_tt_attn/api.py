@@ -217,9 +217,10 @@ def attention(
         lengths: optional integer (B,) tensor, 0 ≤ lengths[b] ≤ L: sequence b has
             lengths[b] residues and a padded tail. Keys k ≥ lengths[b] are left out (and'ed
             with ``mask`` when both are given), and every padded pair (i or j ≥ lengths[b])
-            gives 0: the result equals, bitwise, the call with
+            gives 0: the result equals the call with
             ``mask[b, i, k] = i < lengths[b] and k < lengths[b]`` times that same mask read
-            over (i, j). The kernels skip every tile that holds only padding, in the forward
+            over (i, j) (bitwise under the interpreter; on a GPU to rounding, since the
+            masked call rescales each row once more per fully masked key block). The kernels skip every tile that holds only padding, in the forward
             and the backward, so a padded batch item costs about its real length's work.
 
     Returns:

@@ -100,25 +100,31 @@ def test_compile_fullgraph_matches_eager(D):
         assert torch.equal(g, w), name
 
 
-def _masked_then_zeroed(q, k, v, bias, lengths):
-    """What lengths= promises: the call with the padded-tail key mask, its padded (i, j) pairs set to 0."""
-    real = lengths_mask(lengths, q.shape[-2])
-    return attention(q, k, v, bias, mask=real) * real[:, None, :, :, None]
-
-
 @pytest.mark.parametrize("dtype, D", [(torch.bfloat16, 32), (torch.float16, 64), (torch.float32, 32)],
                          ids=["bf16-D32", "fp16-D64", "fp32-D32"])
-def test_lengths_skip_padding_and_match_the_masked_call_bitwise(dtype, D):
+def test_lengths_skip_padding_and_match_the_masked_call(dtype, D):
     """The GPU's tiles (64-128 wide, 2-4 rows per program) against a padded tail that ends inside a tile, one
-    that covers whole tiles and an empty sequence: forward and gradients bitwise equal to the masked call whose
-    padded pairs are zeroed, eager and (bf16) under torch.compile(fullgraph=True)."""
+    that covers whole tiles and an empty sequence: forward and gradients against the fp64 masked call whose padded
+    pairs are zeroed, padded pairs exactly 0, and (bf16) torch.compile(fullgraph=True) bitwise equal to eager.
+
+    Not bitwise against our own masked call here, unlike under the interpreter (tests/test_chunking.py): on the
+    GPU the masked call's extra, fully masked key blocks rescale the row by exp2 of a rounding error (the compiler
+    contracts m·log2(e) - m_shift into one FMA), where a skipped block rescales nothing."""
     q, k, v, bias, _ = _inputs(3, 2, 200, D, dtype, False)
     dout = torch.randn_like(q)
     lengths = torch.tensor([200, 77, 0], device="cuda")
+    real = lengths_mask(lengths, 200)
+
+    def masked_then_zeroed(q, k, v, bias):
+        return attention_chunked(q, k, v, bias, mask=real, chunk_rows=16) * real[:, None, :, :, None]
+
     got = forward_and_grads(attention, q, k, v, bias, dout, lengths=lengths)
-    want = forward_and_grads(_masked_then_zeroed, q, k, v, bias, dout, lengths=lengths)
+    want = forward_and_grads(masked_then_zeroed, *(t.double() for t in (q, k, v, bias)), dout.double())
     for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want, strict=True):
-        assert torch.equal(g, w), name
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        err = ((g.double() - w).norm() / w.norm()).item()
+        assert err <= TOL[dtype], f"{name}: {err:.2e}"
+    assert not got[0][~real[:, None, :, :, None].expand_as(got[0])].any()  # padded pairs: exactly 0
     if dtype != torch.bfloat16:  # one compiled case is enough: each compile takes the host tens of seconds
         return
     compiled = forward_and_grads(torch.compile(attention, fullgraph=True), q, k, v, bias, dout, lengths=lengths)
