@@ -278,9 +278,9 @@ class _TriangleAttentionBase(nn.Module):
                 ≥ ``lengths[b]`` are padding. Attention leaves the padded keys out (and'ed with
                 ``mask``) and gives 0 at every padded pair (i or j ≥ n), as
                 :func:`flash_tt_attn.attention` does; its kernels skip the padded tiles. At the
-                real pairs the output equals (to rounding) the call with ``mask = (i < n) & (j < n)``; at the
-                padded ones the attention output is 0 (the block then returns the gated
-                output projection of 0, i.e. its bias).
+                real pairs the output equals (to rounding) the call with
+                ``mask = (i < n) & (j < n)``; at the padded ones the attention output is 0 (the
+                block then returns the gated output projection of 0, i.e. its bias).
             **openfold_kwargs: accepted and ignored, so calls written for OpenFold's
                 module (``use_lma=``, ``use_memory_efficient_kernel=``, ``inplace_safe=``, ...)
                 work unchanged.
