@@ -220,8 +220,9 @@ def attention(
             gives 0: the result equals the call with
             ``mask[b, i, k] = i < lengths[b] and k < lengths[b]`` times that same mask read
             over (i, j) (bitwise under the interpreter; on a GPU to rounding, since the
-            masked call rescales each row once more per fully masked key block). The kernels skip every tile that holds only padding, in the forward
-            and the backward, so a padded batch item costs about its real length's work.
+            masked call rescales each row once more per fully masked key block). The
+            kernels skip every tile that holds only padding, in the forward and the
+            backward, so a padded batch item costs about its real length's work.
 
     Returns:
         (B, H, L, L, D) tensor with q's dtype.
