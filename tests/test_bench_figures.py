@@ -172,3 +172,15 @@ def test_committed_outputs_regenerate_byte_identically(tmp_path):
         assert sorted(got) == sorted(want), slug
         changed = [name for name in want if want[name] != got[name]]
         assert not changed, f"{slug}: regenerated outputs differ: {changed}"
+
+
+def test_every_provider_and_variant_has_its_own_color_and_a_marker():
+    """The block specs' providers (long-inference: flash_tt_attn_whole, naive_chunk4, ...) and a spec's variants
+    are drawn too, each in a color of its own (the H200's first long-inference rows failed the figures)."""
+    from flash_tt_attn.bench.figures import _style
+    from flash_tt_attn.bench.spec import PROVIDERS
+
+    names = list(dict.fromkeys([*PROVIDERS["attention"], *PROVIDERS["triangle_block"], "splits3"]))
+    colors, markers = _style(["splits3"])
+    assert set(names) <= set(colors) and set(names) <= set(markers)
+    assert len({tuple(colors[n]) for n in names}) == len(names)

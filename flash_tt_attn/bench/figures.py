@@ -7,6 +7,8 @@ the "Software" stamp (matplotlib writes no date into PNGs).
 
 from __future__ import annotations
 
+import itertools
+
 from .spec import BIAS_FREE, PROVIDERS, FigureOut, Spec
 
 RC = {
@@ -33,12 +35,17 @@ def column(metric: str) -> str:
     return _LABELS[metric][0]
 
 
-def _style():
+def _style(providers=()):
+    """Colors and markers per provider: a fixed one for every known provider (the attention ones first, so their
+    figures keep their looks; then the block's own), then for other names in ``providers`` (a spec's variants).
+    Colors: seaborn's colorblind palette, then its dark one (twenty distinct, then they repeat); markers repeat
+    after eight."""
     import seaborn as sns  # noqa: PLC0415
 
-    names = PROVIDERS["attention"]
-    colors = dict(zip(names, sns.color_palette("colorblind", len(names)), strict=True))
-    markers = dict(zip(names, _MARKERS, strict=True))
+    names = list(dict.fromkeys([*PROVIDERS["attention"], *PROVIDERS["triangle_block"], *providers]))
+    palette = sns.color_palette("colorblind", 10) + sns.color_palette("dark", 10)
+    colors = dict(zip(names, itertools.cycle(palette)))
+    markers = dict(zip(names, itertools.cycle(_MARKERS)))
     return colors, markers
 
 
@@ -64,9 +71,9 @@ def plot(df, spec: Spec, fig: FigureOut, title: str, path) -> None:
     import seaborn as sns  # noqa: PLC0415
 
     col, ylabel = _LABELS[fig.metric]
-    colors, markers = _style()
     ok = df[(df.status == "ok") & df[col].notna()]
     providers = [p for p in spec.providers if p in set(ok.provider)]
+    colors, markers = _style(providers)
     with plt.rc_context(RC), sns.axes_style("whitegrid"):
         plt.rcParams.update(RC)
         f, ax = plt.subplots()
