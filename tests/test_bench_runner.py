@@ -349,3 +349,39 @@ def test_checks_log_resumes_a_passed_suite_only_at_its_commit_with_a_clean_tree(
     assert not checks.passed("gpu_tests", tmp_path, {**env, "dirty": True})
     [row] = read_rows(path)
     assert row["check"] == "gpu_tests" and row["git_sha"] == "abc1234" and row["timestamp"]
+
+
+def test_slow_calls_are_timed_three_times_between_events_not_by_do_bench(monkeypatch):
+    """time_call on CUDA: a call slower than SLOW_CALL_MS gets SLOW_CALL_REPEATS event-timed calls (do_bench
+    would run eight and time one); a faster one goes to do_bench after its one event-timed call. CUDA's events
+    and synchronisation are stood in for by the host clock here."""
+    import torch
+    import triton.testing
+
+    class FakeEvent:
+        def __init__(self, enable_timing=True):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    benched = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: benched.append(fn) or [1.0, 0.5, 2.0])
+    monkeypatch.setattr(measure, "SLOW_CALL_MS", 20.0)
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.03)
+
+    med, p20, p80 = measure.time_call(slow, [], torch.device("cuda"), 25, 100)
+    assert len(calls) == measure.SLOW_CALL_REPEATS and not benched
+    assert 25 <= p20 <= med <= p80
+    calls.clear()
+    assert measure.time_call(lambda: calls.append(1), [], torch.device("cuda"), 25, 100) == (1.0, 0.5, 2.0)
+    assert len(calls) == 1 and len(benched) == 1
