@@ -387,8 +387,7 @@ def backward_constants(dtype: torch.dtype, device: torch.device, head_dim: int, 
                        scale: float, has_extents: bool = False) -> tuple:
     """The compile-time constants every backward kernel takes, as (name, value) pairs (a plan signature)."""
     return (("HAS_MASK", has_mask), ("HAS_EXTENTS", has_extents), ("Q_PRESCALED", _q_prescaled(dtype, scale)),
-            ("HEAD_DIM", head_dim),
-            ("ACC_DTYPE", _acc_dtype(dtype)), ("DOT_PRECISION", _dot_precision(dtype)),
+            ("HEAD_DIM", head_dim), ("ACC_DTYPE", _acc_dtype(dtype)), ("DOT_PRECISION", _dot_precision(dtype)),
             ("FAST_EXP2", _fast_exp2(dtype, device)))
 
 
