@@ -184,3 +184,15 @@ def test_every_provider_and_variant_has_its_own_color_and_a_marker():
     colors, markers = _style(["splits3"])
     assert set(names) <= set(colors) and set(names) <= set(markers)
     assert len({tuple(colors[n]) for n in names}) == len(names)
+
+
+def test_the_checks_log_is_not_reported_as_a_stray_log(tmp_path, capsys):
+    """experiments/logs/<gpu>/checks.jsonl (bench/checks.py) sits beside the spec logs; the figures leave it alone
+    and say nothing of it, while a log of no spec is still reported."""
+    gpu = tmp_path / "logs" / "nvidia-h200"
+    gpu.mkdir(parents=True)
+    (gpu / "checks.jsonl").write_text(json.dumps({"check": "gpu_tests", "git_sha": "abc"}) + "\n")
+    (gpu / "no-such-spec.jsonl").write_text("")
+    build("experiments", tmp_path / "logs", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "no spec no-such-spec.yaml" in err and "checks.jsonl" not in err
