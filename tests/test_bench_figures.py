@@ -196,3 +196,34 @@ def test_the_checks_log_is_not_reported_as_a_stray_log(tmp_path, capsys):
     build("experiments", tmp_path / "logs", tmp_path / "out")
     err = capsys.readouterr().err
     assert "no spec no-such-spec.yaml" in err and "checks.jsonl" not in err
+
+
+def test_gpu_comparison_sets_each_gpus_ratio_against_flex_side_by_side(workspace):
+    """One GPU alone gets no comparison; with a second GPU's seed-fwd log (flex 2x slower than ours there, one
+    point only on the first GPU) each common point shows each GPU's own ratio, and the lone point is left out."""
+    out = workspace.parent / "out"
+    build(workspace, workspace / "logs", out)
+    assert not (out / "gpu-comparison.md").exists() and "Across GPUs" not in (out / "README.md").read_text()
+
+    spec = load_spec(workspace / "seed-fwd.yaml")
+    other = workspace / "logs" / "nvidia-other"
+    other.mkdir()
+    rows = [dict(r, gpu="NVIDIA Other") for r in fake_rows(spec)]
+    slower = lambda r: {k: 2.0 * r[k] / 1.5 for k in ("ms", "ms_p20", "ms_p80")}
+    rows = [dict(r, **slower(r)) if r["provider"] == "flex" else r for r in rows]
+    lone = min(p.L for p in spec.points())
+    rows = [r for r in rows if r["L"] != lone]
+    (other / "seed-fwd.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build(workspace, workspace / "logs", out)
+
+    md = (out / "gpu-comparison.md").read_text()
+    assert f"| spec | mode | points | NVIDIA Other | {GPU} |" in md
+    common = len({p.L for p in spec.points()}) - 1
+    assert f"| seed-fwd | fwd | {common} | 2.00× (2.00–2.00) | 1.50× (1.50–1.50) |" in md
+    assert f"L={lone} |" not in md
+    assert "| block |" not in md  # measured on one GPU only
+    import pandas as pd
+    csv = pd.read_csv(out / "gpu-comparison.csv")
+    assert len(csv) == common and set(csv["spec"]) == {"seed-fwd"}
+    assert (csv[f"speedup_vs_flex {GPU}"] - 1.5).abs().max() < 1e-5
+    assert "[gpu-comparison.md](gpu-comparison.md)" in (out / "README.md").read_text()

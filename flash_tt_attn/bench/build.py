@@ -3,7 +3,9 @@
 For every GPU folder ``<logs>/<slug>/`` and every spec with a log there, the spec's declared outputs
 are written to ``<out>/<slug>/``. Only rows of points the spec currently declares are used, and of
 several rows for one point (reruns on newer code) the newest by timestamp. ``<out>/README.md`` lists
-every output with the spec and log it came from. No GPU is needed; the same logs give the same bytes.
+every output with the spec and log it came from. When one spec has logs from more than one GPU,
+``<out>/gpu-comparison.md`` (and ``.csv``) sets the GPUs' ratios against FlexAttention side by side
+(:func:`tables.gpu_comparison`). No GPU is needed; the same logs give the same bytes.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def build(specs_dir="experiments", logs_dir="experiments/logs", out_dir="paper_f
             claimed[name] = spec.path
 
     written, index = [], []
+    by_spec = {spec.id: {} for spec in specs}  # spec id -> {gpu: rows}, for the cross-GPU comparison
     slugs = sorted(p.name for p in logs_dir.iterdir() if p.is_dir()) if logs_dir.is_dir() else []
     for slug in slugs:
         known = {s.id for s in specs} | {CHECKS_LOG}
@@ -56,6 +59,7 @@ def build(specs_dir="experiments", logs_dir="experiments/logs", out_dir="paper_f
             if not rows:
                 continue
             gpu = " + ".join(sorted({str(r.get("gpu")) for r in rows}))
+            by_spec[spec.id][gpu] = rows
             source = _rel(log, out_dir / slug)
             for fig in spec.figures:
                 df = tables.sorted_frame(rows, spec, fig.where)
@@ -85,13 +89,31 @@ def build(specs_dir="experiments", logs_dir="experiments/logs", out_dir="paper_f
                 written += paths
                 what = f"table ({tab.kind})" if tab.metric == "latency" else f"table ({tab.kind}, {tab.metric})"
                 index += [(slug, gpu, p, what, spec, log) for p in paths]
-    readme = out_dir / "README.md"
     out_dir.mkdir(parents=True, exist_ok=True)
-    readme.write_text(_index_text(index, specs, out_dir, slugs, logs_dir), encoding="utf-8", newline="\n")
+    comparison = _write_gpu_comparison([(s, by_spec[s.id]) for s in specs if len(by_spec[s.id]) > 1], out_dir)
+    written += comparison
+    readme = out_dir / "README.md"
+    readme.write_text(_index_text(index, specs, out_dir, slugs, logs_dir, comparison), encoding="utf-8",
+                      newline="\n")
     return written + [readme]
 
 
-def _index_text(index, specs, out_dir: Path, slugs, logs_dir: Path) -> str:
+def _write_gpu_comparison(measured: list, out_dir: Path) -> list[Path]:
+    """Write ``gpu-comparison.csv`` and ``.md`` when some spec was measured on two or more GPUs."""
+    from . import tables  # noqa: PLC0415
+
+    compared = tables.gpu_comparison(measured)
+    if compared is None:
+        return []
+    tidy, body, shown = compared
+    csv, md = out_dir / "gpu-comparison.csv", out_dir / "gpu-comparison.md"
+    tidy.to_csv(csv, index=False, float_format="%.6g", lineterminator="\n")
+    md.write_text(f"# The GPUs side by side\n\nSource: the raw logs of {', '.join(shown)} under "
+                  f"`experiments/logs/<gpu>/`.\n\n{body}", encoding="utf-8", newline="\n")
+    return [csv, md]
+
+
+def _index_text(index, specs, out_dir: Path, slugs, logs_dir: Path, comparison=()) -> str:
     lines = [
         "# Paper figures and tables",
         "",
@@ -110,6 +132,9 @@ def _index_text(index, specs, out_dir: Path, slugs, logs_dir: Path) -> str:
             lines.append(f"| [{path.name}]({_rel(path, out_dir)}) | {what} | "
                          f"[{spec.id}]({_rel(spec.path, out_dir)}) | [{log.name}]({_rel(log, out_dir)}) |")
         lines.append("")
+    if comparison:
+        lines += ["## Across GPUs", "", "Each GPU's speedup over FlexAttention on the points every GPU measured: "
+                  + ", ".join(f"[{p.name}]({_rel(p, out_dir)})" for p in comparison) + ".", ""]
     measured = {e[4].id for e in index}
     missing = [s.id for s in specs if s.id not in measured]
     if missing:

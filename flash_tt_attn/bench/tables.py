@@ -8,6 +8,10 @@ Kinds (``outputs.tables[].kind`` in a spec):
   for the table's ``metric`` (latency by default; host, graph).
 * ``errors``: relative error of o, dq, dk, dv, dbias against the fp64 reference, per provider and dtype.
 
+Besides the spec's own tables, :func:`gpu_comparison` sets the GPUs side by side: on every point that each of
+them measured, each GPU's own ratio of FlexAttention's latency to ours (the build writes it when logs of one spec
+come from more than one GPU).
+
 Columns come from the rows: a metric's fields (host, graph) and the block's ``node`` appear only when some
 row of the table holds them, so logs written before they existed give the same bytes as before. A row
 that is ``ok`` but whose graph could not be captured shows ``no graph`` in graph tables.
@@ -179,6 +183,70 @@ def errors(df, spec: Spec):
     tidy = df[["provider", *[c for c in _CONFIG if c in df.columns], "L", "status", *_ERRORS, "error",
                "gpu", "git_sha", "timestamp"]]
     return tidy, text + markdown_table([*keys, *[c.replace("err_", "") for c in cols]], body)
+
+
+#: The cross-GPU comparison's two providers: the ratio is baseline ms / target ms on each GPU.
+COMPARISON_TARGET, COMPARISON_BASELINE = "flash_tt_attn", "flex"
+
+
+def _ratios(rows: list[dict], spec: Spec) -> dict:
+    """{point key: (label, mode, baseline ms / target ms)} of the points where both were measured ``ok``."""
+    df = sorted_frame(rows, spec, {"provider": [COMPARISON_TARGET, COMPARISON_BASELINE]})
+    keys = [c for c in _CONFIG if c in df.columns] + ["L"]
+    out = {}
+    for vals, g in df.groupby(keys, sort=False, dropna=False):
+        ms = {r.provider: _value(r, "latency") for r in g.itertuples()}
+        if ms.get(COMPARISON_TARGET) is not None and ms.get(COMPARISON_BASELINE) is not None:
+            rec = dict(zip(keys, vals, strict=True))
+            label = " ".join(f"{k}={rec[k]}" for k in keys if k != "mode")
+            out[tuple(vals)] = (label, rec["mode"], ms[COMPARISON_BASELINE] / ms[COMPARISON_TARGET])
+    return out
+
+
+def gpu_comparison(measured: list) -> tuple | None:
+    """(tidy frame, Markdown body, ids of the specs shown) of the GPUs side by side, or None when no point
+    compares. ``measured`` holds, per spec, ``(spec, {gpu: rows})`` with rows from two or more GPUs; a point
+    is shown when every one of those GPUs has its ratio."""
+    import statistics  # noqa: PLC0415
+
+    import pandas as pd  # noqa: PLC0415
+
+    gpus = sorted({g for _, by_gpu in measured for g in by_gpu})
+    tidy, summary, detail, shown_specs = [], [], [], []
+    for spec, by_gpu in measured:
+        if not {COMPARISON_TARGET, COMPARISON_BASELINE} <= set(spec.providers):
+            continue
+        ratios = {g: _ratios(rows, spec) for g, rows in by_gpu.items()}
+        first = ratios[min(by_gpu)]
+        common = [k for k in first if all(k in r for r in ratios.values())]
+        for mode in MODES:
+            points = [k for k in common if first[k][1] == mode]
+            if not points:
+                continue
+            cells = []
+            for g in gpus:
+                if g not in ratios:
+                    cells.append("–")
+                    continue
+                xs = [ratios[g][k][2] for k in points]
+                cells.append(f"{statistics.median(xs):.2f}× ({min(xs):.2f}–{max(xs):.2f})")
+            summary.append([spec.id, mode, str(len(points)), *cells])
+            shown_specs += [spec.id] if spec.id not in shown_specs else []
+            for k in points:
+                shown = [f"{ratios[g][k][2]:.2f}×" if g in ratios else "–" for g in gpus]
+                detail.append([spec.id, mode, first[k][0], *shown])
+                tidy.append({"spec": spec.id, "mode": mode, "point": first[k][0],
+                             **{f"speedup_vs_{COMPARISON_BASELINE} {g}": ratios[g][k][2] if g in ratios else None
+                                for g in gpus}})
+    if not summary:
+        return None
+    what = f"{COMPARISON_BASELINE} ms / {COMPARISON_TARGET} ms on each GPU"
+    text = (f"Latency speedup = {what}, on the points that every GPU named in the row measured (newest row per "
+            f"point; a spec's points can differ between GPUs when the spec grew).\n\n"
+            f"## Per spec and mode: median (min–max) over the points\n\n"
+            + markdown_table(["spec", "mode", "points", *gpus], summary)
+            + "\n## Per point\n\n" + markdown_table(["spec", "mode", "point", *gpus], detail))
+    return pd.DataFrame(tidy), text, shown_specs
 
 
 def write_table(rows: list[dict], spec: Spec, table: TableOut, out_stem, title: str, source: str) -> list:
