@@ -55,6 +55,7 @@ __all__ = [
     "TriangleAttentionReference",
     "OPENFOLD_KEYS",
     "auto_chunk_size",
+    "runs_whole_without_free_memory",
     "replace_openfold_triangle_attention",
 ]
 
@@ -64,6 +65,12 @@ CPU_CHUNK_BYTES = 2**28
 #: unallocated blocks), and at most :data:`MAX_CHUNK_BYTES`: larger chunks save no time, only memory.
 FREE_MEMORY_FRACTION = 0.25
 MAX_CHUNK_BYTES = 2**31
+#: On CUDA a forward without gradients whose activations for all its rows (auto_chunk_size's estimate) take
+#: at most this many bytes runs whole without reading the free memory: the driver query and the caching
+#: allocator's statistics cost host time on every call (the block's forward at L <= 384, B=1, c_in=128,
+#: bf16 on the H200 took ~0.57 ms more per call once the query came in, v21), which small calls cannot hide.
+#: 2**29 covers one pair tensor of L <= 384 at c_in=128 and four heads of 32 in bf16 (377 MB).
+UNCHUNKED_CUDA_BYTES = 2**29
 #: Pair positions (B·rows·L) per block of the chunked forward's bias pass, at least (see _forward_chunked).
 BIAS_BLOCK_POSITIONS = 2**16
 
@@ -84,15 +91,32 @@ def auto_chunk_size(L: int, batch: int, c_in: int, width: int, itemsize: int,
     >>> auto_chunk_size(256, 1, 128, 128, 2)  # small: one chunk, the whole tensor
     256
     """
-    for name, value in (("L", L), ("batch", batch), ("c_in", c_in), ("width", width), ("itemsize", itemsize)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"auto_chunk_size(): {name} must be a positive int, got {value!r}")
+    per_row = _row_bytes("auto_chunk_size", L, batch, c_in, width, itemsize)
     if free_bytes is None:
         budget = CPU_CHUNK_BYTES
     else:
         budget = min(int(FREE_MEMORY_FRACTION * max(int(free_bytes), 0)), MAX_CHUNK_BYTES)
-    per_row = batch * L * (2 * c_in + 8 * width) * itemsize
     return max(1, min(L, budget // per_row))
+
+
+def runs_whole_without_free_memory(L: int, batch: int, c_in: int, width: int, itemsize: int) -> bool:
+    """Whether a CUDA forward without gradients runs its L rows whole without asking the driver for free
+    memory: its activations (:func:`auto_chunk_size`'s estimate for all rows) fit in
+    :data:`UNCHUNKED_CUDA_BYTES`.
+
+    >>> runs_whole_without_free_memory(384, 1, 128, 128, 2), runs_whole_without_free_memory(512, 1, 128, 128, 2)
+    (True, False)
+    """
+    return L * _row_bytes("runs_whole_without_free_memory", L, batch, c_in, width, itemsize) \
+        <= UNCHUNKED_CUDA_BYTES
+
+
+def _row_bytes(caller: str, L: int, batch: int, c_in: int, width: int, itemsize: int) -> int:
+    """Bytes of one row's activations in a chunk (auto_chunk_size's docstring), arguments checked."""
+    for name, value in (("L", L), ("batch", batch), ("c_in", c_in), ("width", width), ("itemsize", itemsize)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{caller}(): {name} must be a positive int, got {value!r}")
+    return batch * L * (2 * c_in + 8 * width) * itemsize
 
 #: State-dict keys of one block, identical to OpenFold's ``TriangleAttention``.
 OPENFOLD_KEYS = (
@@ -239,14 +263,16 @@ class _TriangleAttentionBase(nn.Module):
                                  f"got {chunk_size!r}")
             rows = chunk_size
         elif self._auto_chunk and not torch.is_grad_enabled():
-            free = None
-            if x.device.type == "cuda":
-                free_now, _ = torch.cuda.mem_get_info(x.device)
-                free = free_now + torch.cuda.memory_reserved(x.device) - torch.cuda.memory_allocated(x.device)
             itemsize = torch.get_autocast_dtype(x.device.type).itemsize \
                 if torch.is_autocast_enabled(x.device.type) else x.element_size()
-            rows = auto_chunk_size(x.shape[-2], int(math.prod(x.shape[:-3])), self.c_in,
-                                   self.no_heads * self.c_hidden, itemsize, free_bytes=free)
+            shape = (x.shape[-2], int(math.prod(x.shape[:-3])), self.c_in, self.no_heads * self.c_hidden, itemsize)
+            free = None
+            if x.device.type == "cuda":
+                if runs_whole_without_free_memory(*shape):
+                    return None
+                free_now, _ = torch.cuda.mem_get_info(x.device)
+                free = free_now + torch.cuda.memory_reserved(x.device) - torch.cuda.memory_allocated(x.device)
+            rows = auto_chunk_size(*shape, free_bytes=free)
         else:
             return None
         return None if rows >= rows_total else rows
@@ -266,7 +292,9 @@ class _TriangleAttentionBase(nn.Module):
                 preallocated output, the pair bias computed once beforehand. Peak memory is then
                 about x + the output + the bias + one chunk's activations. ``None`` (default):
                 :class:`TriangleAttention` picks a size by :func:`auto_chunk_size` when gradients
-                are off (``torch.no_grad()``), and runs unchunked when they are on;
+                are off (``torch.no_grad()``; on CUDA a call small enough for
+                :func:`runs_whole_without_free_memory` runs whole without asking the driver for free
+                memory), and runs unchunked when they are on;
                 :class:`TriangleAttentionReference` chunks only when given a size. A size ≥ L
                 runs the whole tensor at once. Every row goes through the same operations, so
                 the output is bitwise the same for every size wherever the linear layers' matmuls

@@ -143,6 +143,47 @@ def test_auto_chunk_size_is_a_pure_function_of_its_arguments():
         auto_chunk_size(8, 1, 8, 8, 2.0)
 
 
+def test_small_cuda_calls_run_whole_without_reading_free_memory():
+    """The rule's edge: all rows' activations (auto_chunk_size's per-row bytes times L) against
+    UNCHUNKED_CUDA_BYTES; batch, widths and itemsize count as they do for the chunk size."""
+    row = lambda L, batch=1, c=128, w=128, size=2: batch * L * (2 * c + 8 * w) * size
+    limit = modules.UNCHUNKED_CUDA_BYTES
+    assert row(384) * 384 <= limit < row(512) * 512  # the docstring's claim: L <= 384 at c=128, 4x32, bf16
+    assert modules.runs_whole_without_free_memory(384, 1, 128, 128, 2)
+    assert not modules.runs_whole_without_free_memory(512, 1, 128, 128, 2)
+    assert not modules.runs_whole_without_free_memory(384, 2, 128, 128, 2)  # B=2 doubles the bytes
+    assert not modules.runs_whole_without_free_memory(384, 1, 128, 128, 4)  # so does fp32
+    edge = max(L for L in range(1, 1024) if row(L) * L <= limit)
+    assert modules.runs_whole_without_free_memory(edge, 1, 128, 128, 2)
+    assert not modules.runs_whole_without_free_memory(edge + 1, 1, 128, 128, 2)
+    with pytest.raises(ValueError, match="runs_whole_without_free_memory\\(\\): batch must be a positive int"):
+        modules.runs_whole_without_free_memory(8, 0, 8, 8, 2)
+
+
+@pytest.mark.gpu
+def test_gpu_small_no_grad_forward_asks_the_driver_nothing(monkeypatch):
+    """Below UNCHUNKED_CUDA_BYTES the no-grad forward neither reads free memory nor chunks; above it, it
+    does read it (and with a quarter of the free memory too small for the whole tensor, chunks)."""
+    m = block(c_in=128, c_hidden=32, heads=4).to("cuda")
+    x = torch.randn(1, 64, 64, 128, device="cuda")
+    asked = []
+    real = torch.cuda.mem_get_info
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: asked.append(a) or real(*a))
+    chunked = []
+    real_chunked = modules._TriangleAttentionBase._forward_chunked
+    monkeypatch.setattr(modules._TriangleAttentionBase, "_forward_chunked",
+                        lambda self, x, mask, rows, lengths: chunked.append(rows) or real_chunked(self, x, mask, rows,
+                                                                                                   lengths))
+    with torch.no_grad():
+        whole = m(x)
+        assert asked == [] and chunked == []
+        monkeypatch.setattr(modules, "UNCHUNKED_CUDA_BYTES", 0)
+        monkeypatch.setattr(modules, "MAX_CHUNK_BYTES", 16 * 64 * (2 * 128 + 8 * 128) * 4)  # 16 rows a chunk
+        got = m(x)
+    assert len(asked) == 1 and chunked == [16]
+    assert torch.equal(got, whole)
+
+
 def test_no_grad_forward_chunks_automatically(monkeypatch):
     m = block()
     x, mask = pair(L=6)
