@@ -165,7 +165,7 @@ def test_gpu_small_no_grad_forward_asks_the_driver_nothing(monkeypatch):
     """Below UNCHUNKED_CUDA_BYTES the no-grad forward neither reads free memory nor chunks; above it, it
     does read it (and with a quarter of the free memory too small for the whole tensor, chunks)."""
     m = block(c_in=128, c_hidden=32, heads=4).to("cuda")
-    x = torch.randn(1, 64, 64, 128, device="cuda")
+    x = torch.randn(1, 200, 200, 128, device="cuda")  # the shapes test_gpu_chunked_equals_unchunked_bitwise checks
     asked = []
     real = torch.cuda.mem_get_info
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: asked.append(a) or real(*a))
@@ -178,9 +178,9 @@ def test_gpu_small_no_grad_forward_asks_the_driver_nothing(monkeypatch):
         whole = m(x)
         assert asked == [] and chunked == []
         monkeypatch.setattr(modules, "UNCHUNKED_CUDA_BYTES", 0)
-        monkeypatch.setattr(modules, "MAX_CHUNK_BYTES", 16 * 64 * (2 * 128 + 8 * 128) * 4)  # 16 rows a chunk
+        monkeypatch.setattr(modules, "MAX_CHUNK_BYTES", 64 * 200 * (2 * 128 + 8 * 128) * 4)  # 64 rows a chunk
         got = m(x)
-    assert len(asked) == 1 and chunked == [16]
+    assert len(asked) == 1 and chunked == [64]
     assert torch.equal(got, whole)
 
 
