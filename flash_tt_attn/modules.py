@@ -118,6 +118,7 @@ def _row_bytes(caller: str, L: int, batch: int, c_in: int, width: int, itemsize:
             raise ValueError(f"{caller}(): {name} must be a positive int, got {value!r}")
     return batch * L * (2 * c_in + 8 * width) * itemsize
 
+
 #: State-dict keys of one block, identical to OpenFold's ``TriangleAttention``.
 OPENFOLD_KEYS = (
     "layer_norm.weight",
