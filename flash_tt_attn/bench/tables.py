@@ -190,16 +190,17 @@ COMPARISON_TARGET, COMPARISON_BASELINE = "flash_tt_attn", "flex"
 
 
 def _ratios(rows: list[dict], spec: Spec) -> dict:
-    """{point key: (label, mode, baseline ms / target ms)} of the points where both were measured ``ok``."""
-    df = sorted_frame(rows, spec, {"provider": [COMPARISON_TARGET, COMPARISON_BASELINE]})
-    keys = [c for c in _CONFIG if c in df.columns] + ["L"]
+    """{point key: (label, mode, baseline ms / target ms)} of the points where both were measured ``ok``
+    (the ``speedup`` table's own ratios)."""
+    table = TableOut("gpu-comparison", "speedup", {}, COMPARISON_TARGET, (COMPARISON_BASELINE,))
+    tidy, _ = speedup(sorted_frame(rows, spec, table.where), spec, table)
+    keys = [c for c in _CONFIG if c in tidy.columns] + ["L"]
     out = {}
-    for vals, g in df.groupby(keys, sort=False, dropna=False):
-        ms = {r.provider: _value(r, "latency") for r in g.itertuples()}
-        if ms.get(COMPARISON_TARGET) is not None and ms.get(COMPARISON_BASELINE) is not None:
-            rec = dict(zip(keys, vals, strict=True))
+    for rec in tidy.to_dict("records"):
+        ratio = rec[f"speedup_vs_{COMPARISON_BASELINE}"]
+        if not _missing(ratio):
             label = " ".join(f"{k}={rec[k]}" for k in keys if k != "mode")
-            out[tuple(vals)] = (label, rec["mode"], ms[COMPARISON_BASELINE] / ms[COMPARISON_TARGET])
+            out[tuple(rec[k] for k in keys)] = (label, rec["mode"], ratio)
     return out
 
 
