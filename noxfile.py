@@ -216,9 +216,20 @@ def cff(session: nox.Session) -> None:
     session.run("cffconvert", "-f", "bibtex", "-i", "CITATION.cff")
 
 
+# Every package pinned in docker/peers.lock is installed at its pinned version (run in the lock session's venv).
+_PEERS_INSTALLED = """
+import re
+from importlib.metadata import version
+pins = re.findall(r"^([A-Za-z0-9_.-]+)==(\\S+)", open("docker/peers.lock").read(), re.M)
+wrong = [(name, pin, version(name)) for name, pin in pins if version(name) != pin]
+assert pins and not wrong, wrong
+print("peers lock OK:", len(pins), "packages")
+"""
+
+
 @nox.session(python=_python312())
 def lock(session: nox.Session) -> None:
-    """Install docker/requirements.lock with --require-hashes into a fresh Python 3.12 venv, as the Dockerfile does."""
+    """Install docker/requirements.lock, then docker/peers.lock, with --require-hashes into a fresh Python 3.12 venv."""
     session.install("--require-hashes", "-r", "docker/requirements.lock")
     session.run("python", "-m", "pip", "check")
     session.run(
@@ -227,15 +238,23 @@ def lock(session: nox.Session) -> None:
         "import hypothesis, matplotlib, nox, pandas, pytest, seaborn, setuptools, tqdm, yaml; "
         "import sys; print('lock OK on Python', sys.version.split()[0])",
     )
+    # The peer kernels go on top with --no-deps, as in the Dockerfile. No `pip check` or import after them: they
+    # need the base image's torch and CUDA libraries, which this venv does not have; the hashes and the
+    # versions are what this checks.
+    session.install("--no-deps", "--require-hashes", "-r", "docker/peers.lock")
+    session.run("python", "-c", _PEERS_INSTALLED)
 
 
 @nox.session
 def relock(session: nox.Session) -> None:
-    """Regenerate docker/requirements.lock from docker/requirements.in (uv pip compile --generate-hashes, py3.12)."""
+    """Regenerate docker/requirements.lock and docker/peers.lock from their .in files (uv pip compile, py3.12)."""
     session.install(UV)
-    session.run(
-        "uv", "pip", "compile", "docker/requirements.in", "--generate-hashes",
-        "--python-version", "3.12", "--python-platform", "linux",
-        "--custom-compile-command", "nox -s relock", "--output-file", "docker/requirements.lock",
-        *session.posargs,
+    compile_for_the_image = (
+        "uv", "pip", "compile", "--generate-hashes", "--python-version", "3.12", "--python-platform", "linux",
+        "--custom-compile-command", "nox -s relock",
     )
+    session.run(*compile_for_the_image, "docker/requirements.in", "--output-file", "docker/requirements.lock",
+                *session.posargs)
+    # --no-deps: only the names in peers.in, so neither torch nor triton (which the peers require) is pinned.
+    session.run(*compile_for_the_image, "--no-deps", "docker/peers.in", "--output-file", "docker/peers.lock",
+                *session.posargs)
