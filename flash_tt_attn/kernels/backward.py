@@ -167,7 +167,8 @@ def attention_bwd_dq_kernel(
         if EVEN_L:
             bias = tl.load(bias_ptrs).to(ACC_DTYPE)
         else:
-            bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0).to(ACC_DTYPE)
+            # Bounded by L, not by key_end, as in the forward (forward.py's module docstring says why).
+            bias = tl.load(bias_ptrs, mask=j_in[:, None] & (offs_k < L)[None, :], other=0.0).to(ACC_DTYPE)
         dq0 = _dq_row_step(q0, do0, lse0, delta0, k_base + row0 * stride_ki + k_rel,
                            v_base + row0 * stride_vi + vt_rel, mask_base + row0 * stride_mi + offs_k * stride_mk,
                            bias, dq0, k_in, scale, not EVEN_L, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE,

@@ -18,7 +18,11 @@ ROW_OFFSET_DTYPE is int32 when the offsets inside a row fit.
 With HAS_EXTENTS, EXTENTS holds per batch item two counts (B, 2), int32: the rows i of this call that are
 real residues, and the real columns (keys and queries; the rest is a padded tail). A program visits keys
 only up to the real columns, none when its first row or its whole query block is padding; padded queries
-store 0 and lse = +inf, so the backward sees p = 0 there.
+store 0 and lse = +inf, so the backward sees p = 0 there. The bias tile, contiguous along keys, is loaded
+with keys bounded by L, not by the real columns, and the scores then drop the padded keys: Triton knows L's
+divisibility by 16 (it specializes on it), not that of a count loaded from EXTENTS, so a mask at the real
+columns would split every bias load into 2-byte loads (at 50ea279 a padded batch took 1.07–1.12× the time of
+the unpadded one instead of ~0.6×; H200, spec long-inference).
 """
 
 import triton
@@ -188,7 +192,8 @@ def attention_fwd_kernel(
         if EVEN_L:
             bias = tl.load(bias_ptrs).to(ACC_DTYPE)
         else:
-            bias = tl.load(bias_ptrs, mask=j_in[:, None] & k_in[None, :], other=0.0).to(ACC_DTYPE)
+            # Bounded by L, not by key_end: see the module docstring.
+            bias = tl.load(bias_ptrs, mask=j_in[:, None] & (offs_k < L)[None, :], other=0.0).to(ACC_DTYPE)
         # Every row's q·kᵀ product first, then every row's softmax: the rows' exponentials and reductions
         # are then independent work in one stretch of code, which the compiler interleaves.
         s0, kin0 = _row_scores(q0, k_base + row0 * stride_ki + kt_rel, bias, mask_base + row0 * stride_mi + mask_rel,
