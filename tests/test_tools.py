@@ -45,11 +45,29 @@ def test_offline_compile_one_kernel():
     assert result.stdout.startswith("dbias: compiled ("), result.stdout
 
 
-def test_offline_compile_the_padded_tail_forward():
-    """The forward's padded-tail variant (lengths=: per-item extents, four rows per program) compiles for sm_90."""
-    result = _run("offline_compile.py", "--padded-tail", "--kernel", "forward")
+def test_offline_compile_the_padded_tail_forward_and_dq_load_whole_vectors():
+    """The padded-tail variants (lengths=: per-item extents) of the forward and dq compile for sm_90, and read their
+    16-bit tiles in vectors: at 50ea279 their bias tiles, masked at the loaded real length, were read two bytes at a
+    time and a padded batch ran slower than the unpadded one (PERF.md, v24)."""
+    result = _run("offline_compile.py", "--padded-tail", "--kernel", "forward", "--kernel", "dq")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.startswith("forward: compiled ("), result.stdout
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["forward", "dq"], result.stdout
+    for line in lines:
+        assert "compiled (" in line and line.endswith(", 0 two-byte global loads)"), line
+
+
+def test_offline_compile_counts_two_byte_loads():
+    """The count the test above relies on finds scalar 16-bit global loads and nothing else."""
+    sys.path.insert(0, str(TOOLS))
+    try:
+        from offline_compile import two_byte_global_loads  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(TOOLS))
+    ptx = ("ld.global.b16 {%rs1}, [%rd1];\n@%p1 ld.global.L1::evict_last.b16 {%rs2}, [%rd2];\n"
+           "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd3];\nld.global.b32 {%r5}, [%rd4];\nld.shared.b16 {%rs3}, [%r6];\n"
+           "ld.global.u16 %rs4, [%rd5];\n")
+    assert two_byte_global_loads(ptx) == 3
 
 
 SPEC = """id: tiny-scaling

@@ -1,5 +1,6 @@
 """Compile the library's kernels for the H100 (sm_90) on a machine without a GPU, as PERF.md's offline
-checks do, and report for each whether it compiles (with its shared memory) or the compiler's error.
+checks do, and report for each whether it compiles (with its shared memory and its two-byte global loads, the mark of a tile
+read one element at a time) or the compiler's error.
 
 Needs only triton (its NVIDIA backend ships ptxas); torch is not imported, so a small virtual environment
 with the GPU's Triton version (3.6) will do. With --warp-specialize every main loop becomes
@@ -89,6 +90,12 @@ def compile_one(fn, constexprs, key_major_bias=False):
     return triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 3})
 
 
+def two_byte_global_loads(ptx: str) -> int:
+    """The PTX's scalar 16-bit loads from global memory: a 16-bit tile whose load mask Triton cannot prove constant
+    over a vector is read one element at a time, unpipelined (PERF.md, v24); the shipped configs have none."""
+    return len(re.findall(r"\bld\.global(?:\.[A-Za-z0-9_:]+)*?\.[bu]16\b", ptx))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--warp-specialize", action="store_true",
@@ -128,7 +135,9 @@ def main(argv=None):
                 continue
             try:
                 compiled = compile_one(fn, {**common, **extra}, key_major_bias=name == "dkdv")
-                print(f"{name}: compiled ({compiled.metadata.shared} bytes of shared memory)", flush=True)
+                narrow = two_byte_global_loads(compiled.asm["ptx"])
+                print(f"{name}: compiled ({compiled.metadata.shared} bytes of shared memory, {narrow} two-byte "
+                      "global loads)", flush=True)
             except Exception as error:  # noqa: BLE001 - report every kernel
                 print(f"{name}: FAILED ({type(error).__name__}: {str(error).splitlines()[0][:120]})", flush=True)
                 failed += 1
