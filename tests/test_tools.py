@@ -65,8 +65,8 @@ def test_offline_compile_counts_two_byte_loads():
     finally:
         sys.path.remove(str(TOOLS))
     ptx = ("ld.global.b16 {%rs1}, [%rd1];\n@%p1 ld.global.L1::evict_last.b16 {%rs2}, [%rd2];\n"
-           "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd3];\nld.global.b32 {%r5}, [%rd4];\nld.shared.b16 {%rs3}, [%r6];\n"
-           "ld.global.u16 %rs4, [%rd5];\n")
+           "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd3];\nld.global.b32 {%r5}, [%rd4];\n"
+           "ld.shared.b16 {%rs3}, [%r6];\nld.global.u16 %rs4, [%rd5];\n")
     assert two_byte_global_loads(ptx) == 3
 
 

@@ -1,6 +1,6 @@
 """Compile the library's kernels for the H100 (sm_90) on a machine without a GPU, as PERF.md's offline
-checks do, and report for each whether it compiles (with its shared memory and its two-byte global loads, the mark of a tile
-read one element at a time) or the compiler's error.
+checks do, and report for each whether it compiles (with its shared memory and its two-byte global loads, the
+mark of a tile read one element at a time) or the compiler's error.
 
 Needs only triton (its NVIDIA backend ships ptxas); torch is not imported, so a small virtual environment
 with the GPU's Triton version (3.6) will do. With --warp-specialize every main loop becomes
