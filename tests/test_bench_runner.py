@@ -309,6 +309,29 @@ def test_bias_free_ceilings_are_plain_attention_over_the_folded_rows(monkeypatch
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10, msg=cls.name)
 
 
+def test_lengths_providers_call_attention_with_their_lengths():
+    """flash_tt_attn_lengths is the call with odd items of L/2 residues (the masked call, padded pairs 0);
+    flash_tt_attn_lengths_full, with every item of L residues, is the unpadded function: both against fp64."""
+    import torch
+
+    from flash_tt_attn.api import lengths_mask
+    from flash_tt_attn.reference import attention_reference
+
+    torch.manual_seed(0)
+    B, H, L, D = 2, 1, 6, 16
+    q, k, v = (torch.randn(B, H, L, L, D) for _ in range(3))
+    bias = torch.randn(B, H, L, L)
+    real = lengths_mask(torch.tensor([L, L // 2]), L)
+    f64 = [t.double() for t in (q, k, v, bias)]
+    padded = attention_reference(*f64, mask=real) * real[:, None, :, :, None]
+    for name, want in (("flash_tt_attn_lengths", padded), ("flash_tt_attn_lengths_full", attention_reference(*f64))):
+        provider = providers.get_provider("attention", name)
+        provider.load(torch.device("cpu"))
+        got = provider.bind(q, k, v, bias)()
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=name)
+    assert bool((padded[1, :, L // 2:] == 0).all()) and not bool((padded[0] == 0).any())
+
+
 @pytest.mark.gpu
 def test_bias_free_ceilings_on_the_gpu():
     """On CUDA, compiled flex with no score_mod and SDPA on cuDNN's kernel compute plain attention (the

@@ -200,6 +200,27 @@ def test_long_inference_spec_sweeps_its_own_providers():
     assert padding_speedup.target == "flash_tt_attn_lengths" and padding_speedup.baselines == ("flash_tt_attn",)
 
 
+def test_padding_spec_compares_the_padded_batch_with_both_full_length_calls():
+    spec = load_spec(EXPERIMENTS / "padding.yaml")
+    assert spec.op == "attention" and spec.metrics == ("latency",)
+    pts = spec.points()
+    assert {p.provider for p in pts} == {"flash_tt_attn", "flash_tt_attn_lengths", "flash_tt_attn_lengths_full"}
+    assert {(p.B, p.H, p.D, p.dtype) for p in pts} == {(2, 4, 32, "bfloat16")} and len(pts) == 3 * 3 * 2
+    speedup = next(t for t in spec.tables if t.file == "padding-speedup")
+    assert speedup.target == "flash_tt_attn_lengths"
+    assert speedup.baselines == ("flash_tt_attn", "flash_tt_attn_lengths_full")
+
+
+def test_padded_providers_cannot_be_asked_for_errors(tmp_path):
+    """A padded batch's padded pairs are 0 by design: its errors against the unpadded reference would mean
+    nothing; the full-length lengths= call computes the unpadded function and may be checked."""
+    with pytest.raises(SpecError, match="padded tail"):
+        load_spec(write(tmp_path, changed(providers=["flash_tt_attn_lengths"], metrics=["error"], outputs={})))
+    spec = load_spec(write(tmp_path, changed(providers=["flash_tt_attn_lengths_full"], metrics=["error"],
+                                             outputs={})))
+    assert spec.providers == ("flash_tt_attn_lengths_full",)
+
+
 def test_sweep_providers_pick_a_subset_in_the_spec_order(tmp_path):
     data = changed(sweeps=[{**GOOD["sweeps"][0], "providers": ["naive"]}, {**GOOD["sweeps"][0], "B": [2]}],
                    outputs={})

@@ -12,6 +12,11 @@ Two providers are not triangle attention: ``flex_plain`` and ``sdpa_cudnn_plain`
 the same B·L·H sequences of L keys with **no bias** (the same scores and products, none of the bias's
 bytes, additions or gradient). They are reference ceilings for the latency specs, what the fastest kernels
 on the GPU take for less work; a spec cannot ask them for errors (``spec.BIAS_FREE``).
+
+Two run ours with ``lengths=`` (a padded tail, :func:`padded_lengths`): ``flash_tt_attn_lengths`` with odd batch
+items of L/2 residues (what padding saves; its padded pairs are 0 by design, so no errors either:
+``spec.PADDED``), and ``flash_tt_attn_lengths_full`` with every item of L residues (nothing padded: the
+padded-tail kernels' cost on the same work as ``flash_tt_attn``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,30 @@ class FlashTTAttn(AttentionProvider):
         from flash_tt_attn import attention  # noqa: PLC0415
 
         return lambda: attention(q, k, v, bias)
+
+
+class FlashTTAttnLengths(AttentionProvider):
+    """Ours with ``lengths=`` from :func:`padded_lengths`: batch items of L and L/2 residues."""
+
+    name = "flash_tt_attn_lengths"
+
+    def lengths(self, B: int, L: int, device) -> torch.Tensor:
+        return padded_lengths(B, L, device)
+
+    def bind(self, q, k, v, bias):
+        from flash_tt_attn import attention  # noqa: PLC0415
+
+        lengths = self.lengths(q.shape[0], q.shape[-2], q.device)
+        return lambda: attention(q, k, v, bias, lengths=lengths)
+
+
+class FlashTTAttnLengthsFull(FlashTTAttnLengths):
+    """Ours with ``lengths=`` of L for every item: the padded-tail kernels with nothing to skip."""
+
+    name = "flash_tt_attn_lengths_full"
+
+    def lengths(self, B: int, L: int, device) -> torch.Tensor:
+        return torch.full((B,), L, dtype=torch.int64, device=device)
 
 
 def naive_attention(q, k, v, bias):
@@ -333,7 +362,8 @@ class CueqBlock(BlockProvider):
         self._cls = CueqTriangleAttention
 
 
-_ATTENTION = {p.name: p for p in (FlashTTAttn, Naive, Sdpa, Flex, Trifast, Cueq, FlexPlain, SdpaCudnnPlain)}
+_ATTENTION = {p.name: p for p in (FlashTTAttn, FlashTTAttnLengths, FlashTTAttnLengthsFull, Naive, Sdpa, Flex, Trifast,
+                                  Cueq, FlexPlain, SdpaCudnnPlain)}
 _BLOCK = {"flash_tt_attn": "TriangleAttention", "naive": "TriangleAttentionReference"}
 #: Block providers with a chunk size (rows per chunk, or "L": the whole tensor at once).
 _CHUNKED_BLOCK = {"flash_tt_attn_whole": ("TriangleAttention", "L"),

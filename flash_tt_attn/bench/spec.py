@@ -44,6 +44,10 @@ provider of the spec, and its rows carry the options::
     variants: {fast_exp2_off: {fast_exp2: false}, l4_tiles: {shared_memory_per_program: 101376}}
     providers: [flash_tt_attn, fast_exp2_off, l4_tiles]
 
+Attention providers (providers.py): ``flash_tt_attn``, ``naive``, ``sdpa``, ``flex``, ``trifast``, ``cueq``,
+the bias-free ceilings ``flex_plain`` and ``sdpa_cudnn_plain``, and ours with ``lengths=``:
+``flash_tt_attn_lengths`` (odd batch items of L/2 residues) and ``flash_tt_attn_lengths_full`` (all of L).
+
 Block providers (providers.py): ``flash_tt_attn`` and ``naive`` (TriangleAttention and
 TriangleAttentionReference, called as ``module(x)``: under ``no_grad`` ours chunks its rows by
 modules.auto_chunk_size), ``flash_tt_attn_whole`` (ours with ``chunk_size=L``: never chunked),
@@ -63,12 +67,15 @@ from pathlib import Path
 
 OPS = ("attention", "triangle_block")
 PROVIDERS = {
-    "attention": ("flash_tt_attn", "naive", "sdpa", "flex", "trifast", "cueq", "flex_plain", "sdpa_cudnn_plain"),
+    "attention": ("flash_tt_attn", "naive", "sdpa", "flex", "trifast", "cueq", "flex_plain", "sdpa_cudnn_plain",
+                  "flash_tt_attn_lengths", "flash_tt_attn_lengths_full"),
     "triangle_block": ("flash_tt_attn", "naive", "flash_tt_attn_whole", "flash_tt_attn_lengths", "naive_chunk4",
                        "naive_chunk128", "cueq"),
 }
 #: Reference ceilings that run plain attention with no bias (providers.py): latency and memory only.
 BIAS_FREE = ("flex_plain", "sdpa_cudnn_plain")
+#: Attention providers whose batch has a padded tail (providers.py): their padded pairs are 0 by design.
+PADDED = ("flash_tt_attn_lengths",)
 METRICS = ("latency", "memory", "host", "graph", "error")
 #: The row fields each metric writes (a row of a spec asking for the metric holds them all, null when not
 #: measured); the first is its value (what tables and figures show), and for the timed ones
@@ -315,6 +322,9 @@ def parse_spec(data, path: str) -> Spec:
     if "error" in metrics and set(providers) & set(BIAS_FREE):
         c.fail("providers", f"{sorted(set(providers) & set(BIAS_FREE))} run without the bias (reference ceilings "
                "for latency and memory): their errors against the biased reference would mean nothing")
+    if "error" in metrics and op == "attention" and set(providers) & set(PADDED):
+        c.fail("providers", f"{sorted(set(providers) & set(PADDED))} leave a padded tail out (its pairs are 0 by "
+               "design): their errors against the unpadded reference would mean nothing")
     timing = c.mapping(data.get("timing", {}), "timing", _TIMING_FIELDS)
     warmup_ms = c.number(timing.get("warmup_ms", DEFAULT_WARMUP_MS), "timing.warmup_ms")
     rep_ms = c.number(timing.get("rep_ms", DEFAULT_REP_MS), "timing.rep_ms")
