@@ -57,8 +57,10 @@ def test_offline_compile_the_padded_tail_forward_and_dq_load_whole_vectors():
         assert "compiled (" in line and line.endswith(", 0 two-byte global loads)"), line
 
 
-def test_offline_compile_counts_two_byte_loads():
+def test_offline_compile_counts_two_byte_loads(monkeypatch):
     """The count the test above relies on finds scalar 16-bit global loads and nothing else."""
+    # Importing the script sets TRITON_INTERPRET=0 for itself; the tests after this one need the caller's value.
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", ""))
     sys.path.insert(0, str(TOOLS))
     try:
         from offline_compile import two_byte_global_loads  # noqa: PLC0415
