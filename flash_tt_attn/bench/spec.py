@@ -319,12 +319,11 @@ def parse_spec(data, path: str) -> Spec:
         c.fail("metrics", "'error' is measured on its own: use [error] or a subset of [latency, memory, host, graph]")
     if "error" in metrics and op != "attention":
         c.fail("metrics", "'error' is only defined for op: attention")
-    if "error" in metrics and set(providers) & set(BIAS_FREE):
-        c.fail("providers", f"{sorted(set(providers) & set(BIAS_FREE))} run without the bias (reference ceilings "
-               "for latency and memory): their errors against the biased reference would mean nothing")
-    if "error" in metrics and op == "attention" and set(providers) & set(PADDED):
-        c.fail("providers", f"{sorted(set(providers) & set(PADDED))} leave a padded tail out (its pairs are 0 by "
-               "design): their errors against the unpadded reference would mean nothing")
+    for without_errors, why in ((BIAS_FREE, "run without the bias (reference ceilings for latency and memory)"),
+                                (PADDED, "leave a padded tail out (its pairs are 0 by design)")):
+        if "error" in metrics and set(providers) & set(without_errors):
+            c.fail("providers", f"{sorted(set(providers) & set(without_errors))} {why}: their errors against the "
+                   "reference would mean nothing")
     timing = c.mapping(data.get("timing", {}), "timing", _TIMING_FIELDS)
     warmup_ms = c.number(timing.get("warmup_ms", DEFAULT_WARMUP_MS), "timing.warmup_ms")
     rep_ms = c.number(timing.get("rep_ms", DEFAULT_REP_MS), "timing.rep_ms")
