@@ -304,12 +304,14 @@ class _TriangleAttentionBase(nn.Module):
                 MKL's fp32 GEMM below 12 rows is an exception, off by a few ulp). With
                 gradients on, a given size chunks too: same output, gradients equal to rounding.
             lengths: optional integer (*,) tensor, ``x.shape[:-3]``: residues at positions
-                ≥ ``lengths[b]`` are padding. Attention leaves the padded keys out (and'ed with
-                ``mask``) and gives 0 at every padded pair (i or j ≥ n), as
-                :func:`flash_tt_attn.attention` does; its kernels skip the padded tiles. At the
-                real pairs the output equals (to rounding) the call with
-                ``mask = (i < n) & (j < n)``; at the padded ones the attention output is 0 (the
-                block then returns the gated output projection of 0, i.e. its bias).
+                ≥ ``lengths[b]`` are padding. At the real pairs the output equals (to rounding)
+                the call with ``mask = (i < n) & (j < n)``; at the padded ones (i or j ≥ n) the
+                attention output is 0, as :func:`flash_tt_attn.attention` gives, so the block
+                returns the gated output projection of 0, i.e. its bias. Each item runs on its
+                real crop ``x[b, :n, :n]`` (layer norm, projections, attention and gating of the
+                real pairs only; the lengths are read on the host, one device sync per call);
+                under ``torch.compile`` the whole batch runs at once with ``lengths=`` passed to
+                the kernels, which skip the padded tiles.
             **openfold_kwargs: accepted and ignored, so calls written for OpenFold's
                 module (``use_lma=``, ``use_memory_efficient_kernel=``, ``inplace_safe=``, ...)
                 work unchanged.
@@ -333,14 +335,49 @@ class _TriangleAttentionBase(nn.Module):
         x = x.reshape(-1, L, L, self.c_in)
         if mask is not None:
             mask = mask.reshape(-1, L, L)
-        rows = self._chunk_rows(x, chunk_size, L)
-        if rows is not None:
-            out = self._forward_chunked(x, mask, rows, lengths)
-        else:
-            out = self._forward_whole(x, mask, lengths)
+        if lengths is not None and not torch.compiler.is_compiling():
+            out = self._forward_cropped(x, mask, chunk_size, lengths)
+        else:  # under torch.compile the kernels skip the padded tail (lengths are not read on the host)
+            out = self._forward_items(x, mask, chunk_size, lengths)
         out = out.reshape(*lead, L, L, self.c_in)
         if not self.starting:
             out = out.transpose(-2, -3)
+        return out
+
+    def _forward_items(self, x, mask, chunk_size, lengths):
+        """x (B, L, L, c_in), rows i along dim 1 (already transposed for the ending node): whole or chunked."""
+        rows = self._chunk_rows(x, chunk_size, x.shape[1])
+        if rows is not None:
+            return self._forward_chunked(x, mask, rows, lengths)
+        return self._forward_whole(x, mask, lengths)
+
+    def _forward_cropped(self, x, mask, chunk_size, lengths):
+        """:meth:`_forward_items` of each batch item on its real crop ``x[b, :n, :n]``, n = lengths[b].
+
+        Layer norm, projections, gating and the output projection are row-wise, and the attention of a real
+        pair reads real pairs only (its keys past n are left out), so the crop computes every real pair's
+        output from the same inputs and skips the padded ones: 1/4 of the dense work of a half-length item,
+        1/8 of its attention. A padded pair gets what the whole masked call gives it: attention output 0,
+        gated 0, so the output projection of 0 (its bias). The lengths are read on the host (one device
+        sync). An item's output may differ from the whole batch's call by rounding only: the kernels and
+        matmuls see an n-row problem, whose tiles or GEMM algorithm may differ from the L-row one's."""
+        B, L = x.shape[0], x.shape[1]
+        sizes = [int(n) for n in lengths.tolist()]
+        if all(n == L for n in sizes):
+            return self._forward_items(x, mask, chunk_size, None)
+        padded = self.mha.linear_o(x.new_zeros(1, self.no_heads * self.c_hidden)).view(1, 1, self.c_in)
+        out = None
+        for b, n in enumerate(sizes):
+            part = None
+            if n:
+                crop = None if mask is None else mask[b:b + 1, :n, :n]
+                part = self._forward_items(x[b:b + 1, :n, :n], crop, chunk_size, None)
+            if out is None:
+                out = padded.new_empty(B, L, L, self.c_in)
+            if part is not None:
+                out[b:b + 1, :n, :n] = part
+            out[b, n:] = padded
+            out[b, :n, n:] = padded
         return out
 
     def _forward_whole(self, x, mask, lengths):

@@ -154,7 +154,7 @@ def _launch_options(cfg: LaunchConfig) -> dict:
     # While torch.compile (or make_fx) traces the launches, wrap_triton forwards num_warps and num_stages
     # but not maxnreg: a compiled graph runs without the register cap (and _settle then picks the
     # serialized form of a capped config, which needs no cap).
-    if cfg.max_registers is not None and not _launch_is_traced():
+    if cfg.max_registers is not None and _options.register_caps and not _launch_is_traced():
         options["maxnreg"] = cfg.max_registers
     return options
 

@@ -75,6 +75,8 @@ class KernelOptions:
     the configs a smaller GPU would get).
     dbias_splits: a fixed number of row splits for the bias gradient, in place of ``ops.dbias_splits``.
     row_offset_dtype: a fixed integer type for offsets inside a row, in place of ``ops.row_offset_dtype``.
+    register_caps: launch with the configs' ``max_registers``; False launches every config uncapped (as a
+    launch traced by torch.compile runs), to measure what a cap buys.
     """
 
     fast_exp2: bool = True
@@ -85,6 +87,7 @@ class KernelOptions:
     shared_memory_per_program: Optional[int] = None
     dbias_splits: Optional[int] = None
     row_offset_dtype: Optional[object] = None
+    register_caps: bool = True
 
 
 class LargeConfig(NamedTuple):
@@ -123,8 +126,10 @@ _FMA_WHY = "fp32/fp64 products run on the FMA units: small tiles, untuned (fp32 
 TABLE: dict[tuple[str, str, str], Entry] = {
     # forward
     ("forward", "16-32", "16-bit"): Entry(
-        LaunchConfig(64, 64, 4, 3, rows=2, **_PAL),
-        "two rows i per program share each bias tile and give the scheduler two independent chains"),
+        LaunchConfig(64, 64, 4, 3, rows=2, max_registers=168, **_PAL),
+        "two rows i per program share each bias tile and give the scheduler two independent chains; capped at "
+        "168 registers, three programs per SM also with bounds masks or a padded tail (180 and 186 uncapped)",
+        when_traced=LaunchConfig(64, 64, 4, 3, rows=2, **_PAL)),
     ("forward", "64", "16-bit"): Entry(
         LaunchConfig(128, 64, 8, 3, max_registers=128, prescale=False, **_PAL),
         "128 queries, 8 warps, q in shared memory, capped at 128 registers: two programs per SM",

@@ -252,7 +252,7 @@ def test_configs_needing_more_shared_memory_than_the_gpu_has_are_not_chosen(max_
             assert (chosen == large) == (needed <= max_shared_memory), (kernel, head_dim, dtype)
 
 
-@pytest.mark.parametrize("kernel,head_dim", [("forward", 64), ("dq", 128)])
+@pytest.mark.parametrize("kernel,head_dim", [("forward", 32), ("forward", 64), ("dq", 128)])
 def test_traced_launches_of_register_capped_tiles_get_uncapped_ones(kernel, head_dim):
     """Tiles that rely on a register cap, which a traced launch (torch.compile) cannot carry: traced launches get
     uncapped tiles with the same key blocks and arithmetic per query (for dq at D = 128, the tiles that GPUs

@@ -53,7 +53,28 @@ def test_a_variant_measures_against_fp64_like_the_library(tmp_path):
         assert errors[1][name] < 1e-5 and errors[0][name] < 1e-5, name
 
 
+def test_a_variant_may_run_another_of_our_providers(tmp_path):
+    """A variant naming ``provider`` runs that provider (here lengths= of L/2 on odd items) under its switches;
+    its rows carry the provider with the switches, and a padded variant cannot be asked for errors."""
+    data = dict(SPEC, metrics=["latency"], providers=["flash_tt_attn_lengths", "padded_uncapped"],
+                variants={"padded_uncapped": {"provider": "flash_tt_attn_lengths", "register_caps": False}})
+    point = load(tmp_path, data).points()[1]
+    assert point.fields()["options"] == {"provider": "flash_tt_attn_lengths", "register_caps": False}
+    provider = get_provider("attention", point.provider, point.options)
+    assert provider.base.name == "flash_tt_attn_lengths" and provider.options == {"register_caps": False}
+    seen = []
+    base_bind = provider.base.bind
+    provider.base.bind = lambda *args: (lambda: seen.append(ops.options().register_caps) or base_bind(*args)())
+    q, k, v = (torch.randn(2, 1, 6, 6, 16) for _ in range(3))
+    out = provider.bind(q, k, v, torch.randn(2, 1, 6, 6))()
+    assert seen == [False] and ops.options().register_caps
+    assert bool((out[1, :, 3:] == 0).all()) and bool((out[1, :, :3, 3:] == 0).all())  # item 1: 3 of 6 residues
+    with pytest.raises(SpecError, match=r"\['padded_uncapped'\] leave a padded tail out"):
+        load(tmp_path, dict(data, metrics=["error"], providers=["padded_uncapped"]))
+
+
 @pytest.mark.parametrize("variants,message", [
+    ({"x": {"provider": "flex", "fast_exp2": False}}, "variants.x.provider"),
     ({"naive": {"fast_exp2": False}}, "cannot take a provider's name"),
     ({"x": {"warp_count": 4}}, "unknown switch"),
     ({"x": {"fast_exp2": "no"}}, "true or false"),

@@ -337,24 +337,92 @@ def test_attention_lengths_gradients_against_fp64():
 
 @pytest.mark.parametrize("chunk", [None, 2], ids=["whole", "chunk2"])
 @pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
-def test_module_lengths_equals_the_masked_call_at_real_pairs(starting, chunk):
-    """The block with lengths= is the masked block at every real pair; at padded pairs its attention output is
-    0, so the block returns its output projection's bias there; chunked equals unchunked."""
+def test_module_lengths_runs_each_item_on_its_crop(starting, chunk):
+    """The block with lengths= runs each item on its real crop x[b, :n, :n]: bitwise the block of that crop
+    alone (the full-length item: the block of that item alone); at padded pairs the attention output is 0, so
+    the block returns its output projection's bias there; chunked equals unchunked. Against the whole masked
+    call the real pairs agree to rounding only: the crop's pair-bias projection (2 output channels) is a
+    9-row matmul where the whole call's is 36 rows, and MKL rounds those differently (1.2e-7 here)."""
     m = block(starting=starting)
     x, mask = pair(L=6)
     lengths = torch.tensor([6, 3])
     real = lengths_mask(lengths, 6)
+    crop = x[1:2, :3, :3]  # item 1's real pairs; the ending node's transpose maps them onto themselves
     with torch.no_grad():
         got = m(x, lengths=lengths, chunk_size=chunk)
         assert_chunked_equal(got, m(x, lengths=lengths), "chunked lengths")
-        want = m(x, real, chunk_size=chunk)
-        assert torch.equal(got[real], want[real])
+        assert torch.equal(got[:1], m(x[:1], chunk_size=chunk))
+        assert torch.equal(got[1:2, :3, :3], m(crop, chunk_size=chunk))
         assert torch.equal(got[~real], m.mha.linear_o.bias.expand_as(got[~real]))
+        torch.testing.assert_close(got[real], m(x, real, chunk_size=chunk)[real], rtol=1e-6, atol=1e-6)
         both = m(x, mask, chunk_size=chunk, lengths=lengths)
-        assert torch.equal(both[real], m(x, mask & real, chunk_size=chunk)[real])
+        assert torch.equal(both[1:2, :3, :3], m(crop, mask[1:2, :3, :3], chunk_size=chunk))
+        torch.testing.assert_close(both[real], m(x, mask & real, chunk_size=chunk)[real], rtol=1e-6, atol=1e-6)
         ref = block(fta.TriangleAttentionReference, starting=starting)
         ref.load_state_dict(m.state_dict())
         torch.testing.assert_close(ref(x, lengths=lengths, chunk_size=chunk), got, rtol=1e-4, atol=1e-4)
+
+
+def test_module_lengths_crop_computes_real_pairs_only():
+    """The dense layers of a lengths= call see the real pairs only (6·6 + 3·3 rows, not 2·6·6), and a batch
+    without padding (every length L) runs as one call."""
+    m = block()
+    x, _ = pair(L=6)
+    rows = []
+    m.mha.linear_q.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[:-1].numel()))
+    with torch.no_grad():
+        m(x, lengths=torch.tensor([6, 3]))
+        assert rows == [36, 9]
+        rows.clear()
+        m(x, lengths=torch.tensor([6, 0]))
+        assert rows == [36]
+        rows.clear()
+        m(x, lengths=torch.tensor([6, 6]))
+        assert rows == [72]
+
+
+@pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
+def test_module_lengths_under_compile_reach_the_kernels(monkeypatch, starting):
+    """Under torch.compile (lengths cannot be read on the host) the whole batch runs with lengths= passed to
+    the kernels: bitwise the masked call at the real pairs, the output projection's bias at the padded ones,
+    and its gradients those of the masked call at the real pairs."""
+    m = block(starting=starting)
+    x, _ = pair(L=6)
+    lengths = torch.tensor([6, 3])
+    real = lengths_mask(lengths, 6)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        got = m(x, lengths=lengths)
+        assert torch.equal(got[real], m(x, real)[real])
+        assert torch.equal(got[~real], m.mha.linear_o.bias.expand_as(got[~real]))
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, lengths=lengths), got, rtol=1e-6, atol=1e-6)
+
+
+def test_module_lengths_gradients_equal_the_masked_call():
+    """Training with lengths= (the crop path): the gradients of x and of every parameter are those of the
+    masked call with its padded pairs' output replaced by the output projection's bias (to rounding). The
+    plain masked call is not the reference there: its mask leaves keys out, so a padded query j of a real row
+    still attends the real keys, and its output (and gradient) reaches real pairs."""
+    m = block()
+    x, _ = pair(L=6)
+    lengths = torch.tensor([6, 3])
+    real = lengths_mask(lengths, 6)
+    dout = torch.randn(2, 6, 6, 8)
+
+    def grads(call):
+        xg = x.clone().requires_grad_()
+        m.zero_grad()
+        call(xg).backward(dout)
+        return [xg.grad] + [p.grad.clone() for p in m.parameters()]
+
+    def masked_then_padded_pairs_replaced(xg):
+        return torch.where(real[..., None], m(xg, real), m.mha.linear_o.bias)
+
+    got = grads(lambda xg: m(xg, lengths=lengths))
+    for a, b in zip(got, grads(masked_then_padded_pairs_replaced), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("lengths, error, match", [

@@ -33,6 +33,17 @@ def test_traced_launches_never_get_a_config_that_needs_a_register_cap_they_canno
     assert capped == [("dkdv", 16), ("dkdv", 32)]
 
 
+def test_register_caps_off_launches_every_config_uncapped():
+    """The variant switch register_caps=False (what a cap buys, measured in spec padding) drops maxnreg from
+    every launch and changes nothing else; the forward at D <= 32 is capped at 168 (three programs per SM)."""
+    with set_wrap_triton_enabled(False):  # as inside the custom op's eager call
+        capped = ops.launch_config("forward", 512, 32, torch.bfloat16, GPU)
+        assert capped.max_registers == 168 and ops._launch_options(capped)["maxnreg"] == 168
+        with ops.override(register_caps=False):
+            assert ops.launch_config("forward", 512, 32, torch.bfloat16, GPU) == capped
+            assert ops._launch_options(capped) == dict(LOOP_STAGES=3, num_warps=4, num_stages=3)
+
+
 def test_interpreter_configs_are_small_and_keep_the_gpus_rows_per_program():
     cpu = torch.device("cpu")
     assert ops.launch_config("forward", 8, 32, torch.float32, cpu) == ops.LaunchConfig(16, 16, 1, 1, rows=2)

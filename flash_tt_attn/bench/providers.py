@@ -25,6 +25,8 @@ from collections.abc import Callable
 
 import torch
 
+from .spec import variant_provider
+
 __all__ = ["Unsupported", "AttentionProvider", "BlockProvider", "get_provider", "padded_lengths", "to_layout",
            "from_layout"]
 
@@ -399,9 +401,11 @@ class Variant:
 
 def get_provider(op: str, name: str, options: tuple | None = None):
     """A fresh provider object for ``op`` (``attention`` or ``triangle_block``) by name; with ``options``
-    (a spec's variant), ``flash_tt_attn`` run under those switches."""
+    (a spec's variant), the variant's provider (``flash_tt_attn`` unless the options name another) run under
+    the other switches."""
     if options is not None:
-        return Variant(get_provider(op, "flash_tt_attn"), name, options)
+        switches = tuple((option, value) for option, value in options if option != "provider")
+        return Variant(get_provider(op, variant_provider(options)), name, switches)
     if op == "attention":
         return _ATTENTION[name]()
     if name in _CHUNKED_BLOCK:

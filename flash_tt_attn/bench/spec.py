@@ -39,10 +39,12 @@ A sweep may name ``providers``, a subset of the spec's: only those run its point
 
 ``variants`` (optional) names A/B variants of ``flash_tt_attn`` with some of its switches set (the fields of
 :class:`flash_tt_attn.tuning.KernelOptions` listed in :data:`VARIANT_OPTIONS`); a variant's name is then a
-provider of the spec, and its rows carry the options::
+provider of the spec, and its rows carry the options. ``provider`` (optional) names which of our providers
+(:data:`OURS`) the variant runs, ``flash_tt_attn`` by default::
 
-    variants: {fast_exp2_off: {fast_exp2: false}, l4_tiles: {shared_memory_per_program: 101376}}
-    providers: [flash_tt_attn, fast_exp2_off, l4_tiles]
+    variants: {fast_exp2_off: {fast_exp2: false}, l4_tiles: {shared_memory_per_program: 101376},
+               padded_uncapped: {provider: flash_tt_attn_lengths, register_caps: false}}
+    providers: [flash_tt_attn, fast_exp2_off, l4_tiles, flash_tt_attn_lengths, padded_uncapped]
 
 Attention providers (providers.py): ``flash_tt_attn``, ``naive``, ``sdpa``, ``flex``, ``trifast``, ``cueq``,
 the bias-free ceilings ``flex_plain`` and ``sdpa_cudnn_plain``, and ours with ``lengths=``:
@@ -72,6 +74,8 @@ PROVIDERS = {
     "triangle_block": ("flash_tt_attn", "naive", "flash_tt_attn_whole", "flash_tt_attn_lengths", "naive_chunk4",
                        "naive_chunk128", "cueq"),
 }
+#: Our providers per op: a spec's variant runs one of them (``provider`` in the variant, default flash_tt_attn).
+OURS = {op: tuple(p for p in names if p.startswith("flash_tt_attn")) for op, names in PROVIDERS.items()}
 #: Reference ceilings that run plain attention with no bias (providers.py): latency and memory only.
 BIAS_FREE = ("flex_plain", "sdpa_cudnn_plain")
 #: Attention providers whose batch has a padded tail (providers.py): their padded pairs are 0 by design.
@@ -108,7 +112,8 @@ CONFIG_FIELDS = ("op", "B", "H", "D", "c_in", "node", "dtype", "mode")
 _TOP_FIELDS = {"id", "description", "op", "providers", "variants", "metrics", "timing", "sweeps", "outputs"}
 #: The launchers' switches a spec's variant may set (flash_tt_attn.tuning.KernelOptions), with their types.
 VARIANT_OPTIONS = {"fast_exp2": bool, "settle_accumulators": bool, "dbias_unscaled_scores": bool,
-                   "direct_eager_calls": bool, "dbias_splits": int, "shared_memory_per_program": int}
+                   "direct_eager_calls": bool, "dbias_splits": int, "shared_memory_per_program": int,
+                   "register_caps": bool}
 _SWEEP_FIELDS = {"B", "H", "D", "L", "c_in", "node", "dtype", "mode"}
 #: Sweep fields that are not axes of a point (``where`` cannot name them).
 _SWEEP_ONLY = {"providers"}
@@ -319,11 +324,12 @@ def parse_spec(data, path: str) -> Spec:
         c.fail("metrics", "'error' is measured on its own: use [error] or a subset of [latency, memory, host, graph]")
     if "error" in metrics and op != "attention":
         c.fail("metrics", "'error' is only defined for op: attention")
+    runs = {**{p: p for p in providers}, **{name: variant_provider(opts) for name, opts in variants}}
     for without_errors, why in ((BIAS_FREE, "run without the bias (reference ceilings for latency and memory)"),
                                 (PADDED, "leave a padded tail out (its pairs are 0 by design)")):
-        if "error" in metrics and set(providers) & set(without_errors):
-            c.fail("providers", f"{sorted(set(providers) & set(without_errors))} {why}: their errors against the "
-                   "reference would mean nothing")
+        excluded = sorted(p for p in providers if runs[p] in without_errors)
+        if "error" in metrics and excluded:
+            c.fail("providers", f"{excluded} {why}: their errors against the reference would mean nothing")
     timing = c.mapping(data.get("timing", {}), "timing", _TIMING_FIELDS)
     warmup_ms = c.number(timing.get("warmup_ms", DEFAULT_WARMUP_MS), "timing.warmup_ms")
     rep_ms = c.number(timing.get("rep_ms", DEFAULT_REP_MS), "timing.rep_ms")
@@ -353,6 +359,11 @@ def parse_spec(data, path: str) -> Spec:
     return dataclasses.replace(spec, figures=tuple(figures), tables=tuple(tables))
 
 
+def variant_provider(options) -> str:
+    """Which of our providers a variant with these options ((name, value) pairs) runs."""
+    return dict(options).get("provider", "flash_tt_attn")
+
+
 def _parse_variants(c: _Checker, data, op: str) -> tuple:
     """``variants: {name: {option: value}}``: named flash_tt_attn variants, as (name, sorted pairs) tuples."""
     if not isinstance(data, dict):
@@ -366,6 +377,9 @@ def _parse_variants(c: _Checker, data, op: str) -> tuple:
         if not isinstance(options, dict) or not options:
             c.fail(where, "expected a non-empty mapping of flash_tt_attn switches to values")
         for option, value in options.items():
+            if option == "provider":
+                c.string(value, f"{where}.provider", OURS[op])
+                continue
             if option not in VARIANT_OPTIONS:
                 c.fail(f"{where}.{option}", f"unknown switch; expected one of {sorted(VARIANT_OPTIONS)}")
             want = VARIANT_OPTIONS[option]
