@@ -200,15 +200,22 @@ def test_long_inference_spec_sweeps_its_own_providers():
     assert padding_speedup.target == "flash_tt_attn_lengths" and padding_speedup.baselines == ("flash_tt_attn",)
 
 
-def test_padding_spec_compares_the_padded_batch_with_both_full_length_calls():
+def test_padding_spec_compares_the_padded_batch_with_both_full_length_calls_capped_and_not():
+    """Each lengths= provider beside its uncapped variant (the same call without the forward's register cap),
+    and the unpadded call at an L the tiles do not divide beside its uncapped variant."""
     spec = load_spec(EXPERIMENTS / "padding.yaml")
     assert spec.op == "attention" and spec.metrics == ("latency",)
     pts = spec.points()
-    assert {p.provider for p in pts} == {"flash_tt_attn", "flash_tt_attn_lengths", "flash_tt_attn_lengths_full"}
-    assert {(p.B, p.H, p.D, p.dtype) for p in pts} == {(2, 4, 32, "bfloat16")} and len(pts) == 3 * 3 * 2
+    assert {(p.B, p.H, p.D, p.dtype) for p in pts} == {(2, 4, 32, "bfloat16")}
+    runs = {p.provider: dict(p.options or {}) for p in pts}
+    assert runs == {"flash_tt_attn": {}, "flash_tt_attn_lengths": {}, "flash_tt_attn_lengths_full": {},
+                    "lengths_uncapped": {"provider": "flash_tt_attn_lengths", "register_caps": False},
+                    "lengths_full_uncapped": {"provider": "flash_tt_attn_lengths_full", "register_caps": False},
+                    "uncapped": {"register_caps": False}}
+    assert {p.L for p in pts if p.provider == "uncapped"} == {1000} and 1000 % 64
     speedup = next(t for t in spec.tables if t.file == "padding-speedup")
     assert speedup.target == "flash_tt_attn_lengths"
-    assert speedup.baselines == ("flash_tt_attn", "flash_tt_attn_lengths_full")
+    assert speedup.baselines == ("flash_tt_attn", "flash_tt_attn_lengths_full", "lengths_uncapped")
 
 
 def test_padded_providers_cannot_be_asked_for_errors(tmp_path):

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from flash_tt_attn import tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "experiments" / "tools"
@@ -54,7 +57,25 @@ def test_offline_compile_the_padded_tail_forward_and_dq_load_whole_vectors():
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["forward", "dq"], result.stdout
     for line in lines:
-        assert "compiled (" in line and line.endswith(", 0 two-byte global loads)"), line
+        assert "compiled (" in line and ", 0 two-byte global loads," in line, line
+
+
+def test_offline_compile_reports_registers_and_the_padded_forward_keeps_three_programs_per_sm(monkeypatch):
+    """The forward's register cap (v25) keeps its padded-tail code at three programs per SM: uncapped it takes
+    186 registers (Triton 3.6), two programs. The script compiles the shipped caps (tuning.TABLE's)."""
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", ""))  # the import sets it to 0
+    sys.path.insert(0, str(TOOLS))
+    try:
+        from offline_compile import MAX_REGISTERS, programs_per_sm  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(TOOLS))
+    for kernel, cap in MAX_REGISTERS.items():
+        assert tuning.TABLE[kernel, "16-32", "16-bit"].config.max_registers == cap, kernel
+    assert [programs_per_sm(r, 73728) for r in (168, 169, 186)] == [3, 2, 2]
+    result = _run("offline_compile.py", "--padded-tail", "--kernel", "forward")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"forward: compiled \(.*, 1[0-6]\d registers, \d+ bytes spilled, 3 programs per SM\)$",
+                     result.stdout.strip()), result.stdout
 
 
 def test_offline_compile_counts_two_byte_loads(monkeypatch):

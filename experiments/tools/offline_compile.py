@@ -1,6 +1,7 @@
 """Compile the library's kernels for the H100 (sm_90) on a machine without a GPU, as PERF.md's offline
-checks do, and report for each whether it compiles (with its shared memory and its two-byte global loads, the
-mark of a tile read one element at a time) or the compiler's error.
+checks do, and report for each whether it compiles (with its shared memory, its two-byte global loads, the
+mark of a tile read one element at a time, its registers per thread and spilled bytes as ptxas reports them,
+and how many programs an SM then holds) or the compiler's error.
 
 Needs only triton (its NVIDIA backend ships ptxas); torch is not imported, so a small virtual environment
 with the GPU's Triton version (3.6) will do. With --warp-specialize every main loop becomes
@@ -16,6 +17,7 @@ import os
 import pathlib
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import types
@@ -32,6 +34,12 @@ from triton.compiler import ASTSource  # noqa: E402
 KERNELS = pathlib.Path(__file__).resolve().parents[2] / "flash_tt_attn" / "kernels"
 KERNEL_NAMES = ("forward", "dq", "dkdv", "dbias")
 B, H, L, D = 4, 8, 512, 32  # the shipped D = 32 configs: 64×64 tiles, 4 warps, 3 stages, every load pipelined
+#: The shipped D = 32 configs' register caps (flash_tt_attn/tuning.py; tests/test_tools.py keeps them equal).
+MAX_REGISTERS = {"forward": 168, "dq": None, "dkdv": 168, "dbias": None}
+NUM_WARPS = 4
+#: An H100 SM: 65,536 registers (allocated per warp in units of 8 per thread) and 228 KiB of shared memory,
+#: of which each resident program takes 1 KiB more than it asks for.
+SM_REGISTERS, SM_SHARED_MEMORY, PROGRAM_RESERVED_SHARED = 65536, 228 * 1024, 1024
 
 
 def load_kernels(directory):
@@ -68,7 +76,7 @@ def integer_args(key_major_bias=False):
     return values
 
 
-def compile_one(fn, constexprs, key_major_bias=False):
+def compile_one(fn, constexprs, key_major_bias=False, max_registers=None):
     pointers = dict(MASK="*u8", EXTENTS="*i32", LSE="*fp32", DELTA="*fp32")
     ints = integer_args(key_major_bias)
     signature, attrs, constants = {}, {}, dict(constexprs)
@@ -87,7 +95,34 @@ def compile_one(fn, constexprs, key_major_bias=False):
             if ints[name] % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 3})
+    options = {"num_warps": NUM_WARPS, "num_stages": 3}
+    if max_registers is not None:
+        options["maxnreg"] = max_registers
+    return triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
+
+
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers per thread, bytes of spill stores) of the PTX as Triton's ptxas compiles it for sm_90a."""
+    from triton.backends.nvidia import compiler as nvidia  # noqa: PLC0415
+
+    try:
+        ptxas = nvidia.get_ptxas(90).path  # Triton >= 3.7 picks ptxas per architecture
+    except TypeError:
+        ptxas = nvidia.get_ptxas().path
+    with tempfile.TemporaryDirectory() as tmp:
+        source = pathlib.Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        done = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(source), "-o", str(source.with_suffix(".cubin"))],
+                              capture_output=True, text=True, check=True)
+    registers = int(re.search(r"Used (\d+) registers", done.stderr).group(1))
+    spilled = int(re.search(r"(\d+) bytes spill stores", done.stderr).group(1))
+    return registers, spilled
+
+
+def programs_per_sm(registers: int, shared_memory: int) -> int:
+    """Programs of NUM_WARPS warps that one H100 SM holds at once, by registers and by shared memory."""
+    by_registers = SM_REGISTERS // (-(-registers // 8) * 8 * 32 * NUM_WARPS)
+    return min(by_registers, SM_SHARED_MEMORY // (shared_memory + PROGRAM_RESERVED_SHARED))
 
 
 def two_byte_global_loads(ptx: str) -> int:
@@ -101,8 +136,7 @@ def main(argv=None):
     ap.add_argument("--warp-specialize", action="store_true",
                     help="compile a copy whose main loops ask for Triton's automatic warp specialization")
     ap.add_argument("--padded-tail", action="store_true",
-                    help="compile the variants for a padded tail (lengths=: HAS_EXTENTS, bounds masks on, the most "
-                         "rows per program)")
+                    help="compile the variants for a padded tail (lengths=: HAS_EXTENTS, bounds masks on)")
     ap.add_argument("--kernel", action="append", choices=KERNEL_NAMES,
                     help="compile only this kernel (repeatable); default: all four")
     args = ap.parse_args(argv)
@@ -122,22 +156,25 @@ def main(argv=None):
                       BLOCK_J=64, BLOCK_K=64, HEAD_DIM=D,
                       ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", FAST_EXP2=True, LOOP_STAGES=3)
         cases = {
-            "forward": (kernels["forward"].attention_fwd_kernel,
-                        dict(ROWS=4 if padded else 2, ROW_OFFSET_DTYPE=tl.int32)),
+            "forward": (kernels["forward"].attention_fwd_kernel, dict(ROWS=2, ROW_OFFSET_DTYPE=tl.int32)),
             "dq": (kernels["backward"].attention_bwd_dq_kernel,
-                   dict(ROWS=2 if padded else 1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
+                   dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
             "dkdv": (kernels["backward"].attention_bwd_dkdv_kernel,
-                     dict(ROWS=2 if padded else 1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
+                     dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
             "dbias": (kernels["backward"].attention_bwd_dbias_kernel, dict(UNSCALED_SCORES=True)),
         }
         for name, (fn, extra) in cases.items():
             if args.kernel and name not in args.kernel:
                 continue
             try:
-                compiled = compile_one(fn, {**common, **extra}, key_major_bias=name == "dkdv")
+                compiled = compile_one(fn, {**common, **extra}, key_major_bias=name == "dkdv",
+                                       max_registers=MAX_REGISTERS[name])
                 narrow = two_byte_global_loads(compiled.asm["ptx"])
-                print(f"{name}: compiled ({compiled.metadata.shared} bytes of shared memory, {narrow} two-byte "
-                      "global loads)", flush=True)
+                registers, spilled = ptxas_usage(compiled.asm["ptx"])
+                shared = compiled.metadata.shared
+                print(f"{name}: compiled ({shared} bytes of shared memory, {narrow} two-byte global loads, "
+                      f"{registers} registers, {spilled} bytes spilled, {programs_per_sm(registers, shared)} "
+                      "programs per SM)", flush=True)
             except Exception as error:  # noqa: BLE001 - report every kernel
                 print(f"{name}: FAILED ({type(error).__name__}: {str(error).splitlines()[0][:120]})", flush=True)
                 failed += 1
