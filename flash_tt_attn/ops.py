@@ -291,7 +291,8 @@ def _forward_plan(shape, q_s, k_s, v_s, bias_s, mask_s, has_mask, has_extents, d
     scalars = (*q_s, *k_s, *v_s, *_contiguous_strides(shape), *bias_s, *mask_s,
                *_contiguous_strides((B, H, R, L)), H, R, L, scale)
     constants = dict(
-        HAS_MASK=has_mask, HAS_EXTENTS=has_extents, EVEN_L=_even(L, cfg, has_extents),
+        # The forward keeps its unmasked loads with a padded tail (its scores drop the tail: kernels/forward.py).
+        HAS_MASK=has_mask, HAS_EXTENTS=has_extents, EVEN_L=_even(L, cfg, False),
         Q_PRESCALED=_q_prescaled(dtype, scale) and cfg.prescale,
         ROWS=cfg.rows, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(dtype), DOT_PRECISION=_dot_precision(dtype),

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import flash_tt_attn as fta
-from flash_tt_attn import api, modules
+from flash_tt_attn import api, modules, ops
 from flash_tt_attn.api import lengths_mask
 from flash_tt_attn.modules import auto_chunk_size
 
@@ -276,6 +276,27 @@ def test_attention_lengths_equals_the_masked_call_with_padded_pairs_zeroed(dtype
                        masked_then_zeroed(q, k, v, bias, lengths, mask))
     assert torch.equal(fta.attention(q, k, v, bias, lengths=torch.tensor([L, L], dtype=torch.int32)),
                        fta.attention(q, k, v, bias))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_attention_lengths_on_tiles_that_divide_l_ignore_what_the_padding_holds(rows):
+    """L = 64 on tiles of 32 (EVEN_L): the forward keeps its unmasked loads with a padded tail and drops the tail's
+    keys by their scores (kernels/forward.py). Tails inside a tile (40), on a tile's edge (32), none (64) and all
+    (0): bitwise the masked call with padded pairs zeroed, also when the padded positions of q, k, v and the
+    bias hold NaN (v past the real length is loaded masked, so 0 meets p = 0 there, not NaN)."""
+    B, H, L, D = 4, 1, 64, 16
+    q, k, v = (torch.randn(B, H, L, L, D) for _ in range(3))
+    bias = torch.randn(B, H, L, L)
+    lengths = torch.tensor([40, 32, 64, 0])
+    real = lengths_mask(lengths, L)  # (B, i, j): i and j real
+    padded_keys = ~real[:, None, :, :, None].expand(B, H, L, L, 1)
+    dirty = [t.masked_fill(padded_keys, float("nan")) for t in (q, k, v)]
+    dirty_bias = bias.masked_fill(~real[:, None], float("nan"))
+    with ops.override(configs={"forward": ops.LaunchConfig(32, 32, 1, 1, rows=rows)}):
+        assert ops._even(L, ops.launch_config("forward", L, D, torch.float32, q.device), False)
+        got = fta.attention(q, k, v, bias, lengths=lengths)
+        assert torch.equal(got, masked_then_zeroed(q, k, v, bias, lengths))
+        assert torch.equal(fta.attention(*dirty, dirty_bias, lengths=lengths), got)
 
 
 def _outputs_and_gradients(ins, dout, call):

@@ -18,7 +18,10 @@ ROW_OFFSET_DTYPE is int32 when the offsets inside a row fit.
 With HAS_EXTENTS, EXTENTS holds per batch item two counts (B, 2), int32: the rows i of this call that are
 real residues, and the real columns (keys and queries; the rest is a padded tail). A program visits keys
 only up to the real columns, none when its first row or its whole query block is padding; padded queries
-store 0 and lse = +inf, so the backward sees p = 0 there. The bias tile, contiguous along keys, is loaded
+store 0 and lse = +inf, so the backward sees p = 0 there. EVEN_L (L divides the tiles) keeps the unmasked loads
+of q, k and the bias with a padded tail too, since every tile lies inside L: the keys past the real length are
+dropped by a select on the scores, and v is loaded masked there (0, not whatever the padding holds, meets their
+p = 0). Without EVEN_L the bias tile, contiguous along keys, is loaded
 with keys bounded by L, not by the real columns, and the scores then drop the padded keys: Triton knows L's
 divisibility by 16 (it specializes on it), not that of a count loaded from EXTENTS, so a mask at the real
 columns would split every bias load into 2-byte loads (at 50ea279 a padded batch took 1.07–1.12× the time of
@@ -34,12 +37,14 @@ from .common import LOG2E, exp2, prescale, scores
 @triton.jit
 def _row_scores(q, kt_ptrs, bias, mask_ptrs, k_in, row_ok, scale,
                 ROW_MAY_BE_OUT: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_L: tl.constexpr,
-                Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                HAS_EXTENTS: tl.constexpr, Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     """One key block of one row: the natural-log scores scale·q·k + bias (-inf where a key is excluded),
     and the row's admitted keys.
 
     row_ok is a [BLOCK_K] block, all True or all False (is this row inside the tensor?);
-    it is read only when ROW_MAY_BE_OUT.
+    it is read only when ROW_MAY_BE_OUT. With EVEN_L and a padded tail, k is loaded unmasked (the tile lies
+    inside L) and the keys past the real length are dropped from the scores.
     """
     if ROW_MAY_BE_OUT:
         k_in = k_in & row_ok
@@ -51,7 +56,7 @@ def _row_scores(q, kt_ptrs, bias, mask_ptrs, k_in, row_ok, scale,
     if HAS_MASK:
         keep = tl.load(mask_ptrs, mask=k_in, other=0) != 0
         s = tl.where(keep[None, :], s, float("-inf"))
-    elif not EVEN_L:
+    elif not EVEN_L or HAS_EXTENTS:
         s = tl.where(k_in[None, :], s, float("-inf"))
     return s, k_in
 
@@ -197,20 +202,21 @@ def attention_fwd_kernel(
         # Every row's q·kᵀ product first, then every row's softmax: the rows' exponentials and reductions
         # are then independent work in one stretch of code, which the compiler interleaves.
         s0, kin0 = _row_scores(q0, k_base + row0 * stride_ki + kt_rel, bias, mask_base + row0 * stride_mi + mask_rel,
-                               k_in, k_in, scale, False, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+                               k_in, k_in, scale, False, HAS_MASK, EVEN_L, HAS_EXTENTS, Q_PRESCALED, ACC_DTYPE,
+                               DOT_PRECISION)
         if ROWS >= 2:
             s1, kin1 = _row_scores(q1, k_base + (row0 + 1) * stride_ki + kt_rel, bias,
                                    mask_base + (row0 + 1) * stride_mi + mask_rel, k_in, ok1_k, scale,
-                                   True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+                                   True, HAS_MASK, EVEN_L, HAS_EXTENTS, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
         if ROWS >= 4:
             s2, kin2 = _row_scores(q2, k_base + (row0 + 2) * stride_ki + kt_rel, bias,
                                    mask_base + (row0 + 2) * stride_mi + mask_rel, k_in, ok2_k, scale,
-                                   True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+                                   True, HAS_MASK, EVEN_L, HAS_EXTENTS, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
             s3, kin3 = _row_scores(q3, k_base + (row0 + 3) * stride_ki + kt_rel, bias,
                                    mask_base + (row0 + 3) * stride_mi + mask_rel, k_in, ok3_k, scale,
-                                   True, HAS_MASK, EVEN_L, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+                                   True, HAS_MASK, EVEN_L, HAS_EXTENTS, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
         m0, l0, acc0 = _online_softmax_update(s0, v_base + row0 * stride_vi + v_rel, m0, l0, acc0, kin0,
-                                              not EVEN_L, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
+                                              not EVEN_L or HAS_EXTENTS, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS >= 2:
             m1, l1, acc1 = _online_softmax_update(s1, v_base + (row0 + 1) * stride_vi + v_rel, m1, l1, acc1,
                                                   kin1, True, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
