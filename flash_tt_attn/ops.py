@@ -297,7 +297,7 @@ def _forward_plan(shape, q_s, k_s, v_s, bias_s, mask_s, has_mask, has_extents, d
         ROWS=cfg.rows, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(dtype), DOT_PRECISION=_dot_precision(dtype),
         FAST_EXP2=_fast_exp2(dtype, device), ROW_OFFSET_DTYPE=row_offset_dtype(L, D, k_s, v_s),
-        **_launch_options(cfg))
+        END_TILE_SELECT=_options.end_tile_select, **_launch_options(cfg))
     return _launch_plan(grid, scalars, constants)
 
 

@@ -77,6 +77,9 @@ class KernelOptions:
     row_offset_dtype: a fixed integer type for offsets inside a row, in place of ``ops.row_offset_dtype``.
     register_caps: launch with the configs' ``max_registers``; False launches every config uncapped (as a
     launch traced by torch.compile runs), to measure what a cap buys.
+    end_tile_select: the forward's bounds-masked and padded-tail code drops the keys past the end (L or the
+    real length) by a select only in the key tile that holds the end, not in every tile (PERF.md, after v25;
+    off until measured).
     """
 
     fast_exp2: bool = True
@@ -88,6 +91,7 @@ class KernelOptions:
     dbias_splits: Optional[int] = None
     row_offset_dtype: Optional[object] = None
     register_caps: bool = True
+    end_tile_select: bool = False
 
 
 class LargeConfig(NamedTuple):

@@ -211,8 +211,11 @@ def test_padding_spec_compares_the_padded_batch_with_both_full_length_calls_capp
     assert runs == {"flash_tt_attn": {}, "flash_tt_attn_lengths": {}, "flash_tt_attn_lengths_full": {},
                     "lengths_uncapped": {"provider": "flash_tt_attn_lengths", "register_caps": False},
                     "lengths_full_uncapped": {"provider": "flash_tt_attn_lengths_full", "register_caps": False},
-                    "uncapped": {"register_caps": False}}
-    assert {p.L for p in pts if p.provider == "uncapped"} == {1000} and 1000 % 64
+                    "uncapped": {"register_caps": False},
+                    "lengths_end_tile": {"provider": "flash_tt_attn_lengths", "end_tile_select": True},
+                    "lengths_full_end_tile": {"provider": "flash_tt_attn_lengths_full", "end_tile_select": True},
+                    "end_tile": {"end_tile_select": True}}
+    assert {p.L for p in pts if p.provider in ("uncapped", "end_tile")} == {1000} and 1000 % 64
     speedup = next(t for t in spec.tables if t.file == "padding-speedup")
     assert speedup.target == "flash_tt_attn_lengths"
     assert speedup.baselines == ("flash_tt_attn", "flash_tt_attn_lengths_full", "lengths_uncapped")

@@ -305,6 +305,30 @@ def _outputs_and_gradients(ins, dout, call):
     return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_end_tile_select_gives_the_same_bits(rows):
+    """KernelOptions.end_tile_select (the forward's select only in the key tile holding the end, PERF.md after
+    v25): bitwise the default forward and its gradients, on a masked path (L = 19 on tiles of 16, with and
+    without a padded tail) and on tiles that divide L (L = 64 on 32) with tails inside and on a tile's edge."""
+    gen = torch.Generator().manual_seed(rows)
+    for L, tile, lengths in ((19, 16, None), (19, 16, [19, 6, 0, 16]), (64, 32, [40, 32, 64, 0])):
+        q, k, v = (torch.randn(4, 1, L, L, 16, generator=gen) for _ in range(3))
+        bias, dout = torch.randn(4, 1, L, L, generator=gen), torch.randn(4, 1, L, L, 16, generator=gen)
+        kw = {} if lengths is None else {"lengths": torch.tensor(lengths)}
+
+        def call(*ins, kw=kw):
+            return fta.attention(*ins, **kw)
+
+        configs = {kernel: ops.LaunchConfig(tile, tile, 1, 1, rows=min(rows, 2) if kernel != "forward" else rows)
+                   for kernel in ("forward", "dq", "dkdv")}
+        with ops.override(configs=configs):
+            want = _outputs_and_gradients([q, k, v, bias], dout, call)
+            with ops.override(end_tile_select=True):
+                got = _outputs_and_gradients([q, k, v, bias], dout, call)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), (L, lengths)
+
+
 # Tiles of 16 with L = 19: a padded tail that ends inside a tile (6, 0) and one that covers whole tiles (6),
 # rows per program 1, 2 and 4 (a program's rows straddle the tail), lengths 0 and L, three splits of dbias.
 _TAIL_CONFIGS = {

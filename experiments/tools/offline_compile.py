@@ -137,6 +137,8 @@ def main(argv=None):
                     help="compile a copy whose main loops ask for Triton's automatic warp specialization")
     ap.add_argument("--padded-tail", action="store_true",
                     help="compile the variants for a padded tail (lengths=: HAS_EXTENTS, bounds masks on)")
+    ap.add_argument("--end-tile-select", action="store_true",
+                    help="compile the forward with KernelOptions.end_tile_select (its select only in the end tile)")
     ap.add_argument("--kernel", action="append", choices=KERNEL_NAMES,
                     help="compile only this kernel (repeatable); default: all four")
     args = ap.parse_args(argv)
@@ -156,7 +158,8 @@ def main(argv=None):
                       BLOCK_J=64, BLOCK_K=64, HEAD_DIM=D,
                       ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", FAST_EXP2=True, LOOP_STAGES=3)
         cases = {
-            "forward": (kernels["forward"].attention_fwd_kernel, dict(ROWS=2, ROW_OFFSET_DTYPE=tl.int32)),
+            "forward": (kernels["forward"].attention_fwd_kernel,
+                        dict(ROWS=2, ROW_OFFSET_DTYPE=tl.int32, END_TILE_SELECT=args.end_tile_select)),
             "dq": (kernels["backward"].attention_bwd_dq_kernel,
                    dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
             "dkdv": (kernels["backward"].attention_bwd_dkdv_kernel,

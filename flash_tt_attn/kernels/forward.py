@@ -35,16 +35,19 @@ from .common import LOG2E, exp2, prescale, scores
 
 
 @triton.jit
-def _row_scores(q, kt_ptrs, bias, mask_ptrs, k_in, row_ok, scale,
+def _row_scores(q, kt_ptrs, bias, mask_ptrs, k_in, row_ok, scale, tile_ends_early,
                 ROW_MAY_BE_OUT: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_L: tl.constexpr,
-                HAS_EXTENTS: tl.constexpr, Q_PRESCALED: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                HAS_EXTENTS: tl.constexpr, END_TILE_SELECT: tl.constexpr, Q_PRESCALED: tl.constexpr,
+                ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key block of one row: the natural-log scores scale·q·k + bias (-inf where a key is excluded),
     and the row's admitted keys.
 
     row_ok is a [BLOCK_K] block, all True or all False (is this row inside the tensor?);
     it is read only when ROW_MAY_BE_OUT. With EVEN_L and a padded tail, k is loaded unmasked (the tile lies
-    inside L) and the keys past the real length are dropped from the scores.
+    inside L) and the keys past the real length are dropped from the scores. With END_TILE_SELECT (and no
+    mask) they are dropped only where tile_ends_early (a scalar: the key block reaches past the real length or
+    L): a tile wholly inside skips the select, one branch per tile instead of a select per score. A row past
+    the tensor's rows then keeps finite scores in its full tiles; its results are never stored.
     """
     if ROW_MAY_BE_OUT:
         k_in = k_in & row_ok
@@ -57,7 +60,11 @@ def _row_scores(q, kt_ptrs, bias, mask_ptrs, k_in, row_ok, scale,
         keep = tl.load(mask_ptrs, mask=k_in, other=0) != 0
         s = tl.where(keep[None, :], s, float("-inf"))
     elif not EVEN_L or HAS_EXTENTS:
-        s = tl.where(k_in[None, :], s, float("-inf"))
+        if END_TILE_SELECT:
+            if tile_ends_early:
+                s = tl.where(k_in[None, :], s, float("-inf"))
+        else:
+            s = tl.where(k_in[None, :], s, float("-inf"))
     return s, k_in
 
 
@@ -140,6 +147,7 @@ def attention_fwd_kernel(
     FAST_EXP2: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
     ROW_OFFSET_DTYPE: tl.constexpr,
+    END_TILE_SELECT: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -190,6 +198,7 @@ def attention_fwd_kernel(
     for k_start in tl.range(0, key_end, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_in = offs_k < key_end
+        tile_ends_early = k_start + BLOCK_K > key_end
         kt_rel = offs_k[None, :].to(ROW_OFFSET_DTYPE) * stride_kk + offs_d[:, None] * stride_kd
         v_rel = offs_k[:, None].to(ROW_OFFSET_DTYPE) * stride_vk + offs_d[None, :] * stride_vd
         mask_rel = offs_k * stride_mk
@@ -202,19 +211,22 @@ def attention_fwd_kernel(
         # Every row's q·kᵀ product first, then every row's softmax: the rows' exponentials and reductions
         # are then independent work in one stretch of code, which the compiler interleaves.
         s0, kin0 = _row_scores(q0, k_base + row0 * stride_ki + kt_rel, bias, mask_base + row0 * stride_mi + mask_rel,
-                               k_in, k_in, scale, False, HAS_MASK, EVEN_L, HAS_EXTENTS, Q_PRESCALED, ACC_DTYPE,
-                               DOT_PRECISION)
+                               k_in, k_in, scale, tile_ends_early, False, HAS_MASK, EVEN_L, HAS_EXTENTS,
+                               END_TILE_SELECT, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
         if ROWS >= 2:
             s1, kin1 = _row_scores(q1, k_base + (row0 + 1) * stride_ki + kt_rel, bias,
                                    mask_base + (row0 + 1) * stride_mi + mask_rel, k_in, ok1_k, scale,
-                                   True, HAS_MASK, EVEN_L, HAS_EXTENTS, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+                                   tile_ends_early, True, HAS_MASK, EVEN_L, HAS_EXTENTS, END_TILE_SELECT,
+                                   Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
         if ROWS >= 4:
             s2, kin2 = _row_scores(q2, k_base + (row0 + 2) * stride_ki + kt_rel, bias,
                                    mask_base + (row0 + 2) * stride_mi + mask_rel, k_in, ok2_k, scale,
-                                   True, HAS_MASK, EVEN_L, HAS_EXTENTS, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+                                   tile_ends_early, True, HAS_MASK, EVEN_L, HAS_EXTENTS, END_TILE_SELECT,
+                                   Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
             s3, kin3 = _row_scores(q3, k_base + (row0 + 3) * stride_ki + kt_rel, bias,
                                    mask_base + (row0 + 3) * stride_mi + mask_rel, k_in, ok3_k, scale,
-                                   True, HAS_MASK, EVEN_L, HAS_EXTENTS, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+                                   tile_ends_early, True, HAS_MASK, EVEN_L, HAS_EXTENTS, END_TILE_SELECT,
+                                   Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
         m0, l0, acc0 = _online_softmax_update(s0, v_base + row0 * stride_vi + v_rel, m0, l0, acc0, kin0,
                                               not EVEN_L or HAS_EXTENTS, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS >= 2:
