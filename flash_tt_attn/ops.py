@@ -297,7 +297,8 @@ def _forward_plan(shape, q_s, k_s, v_s, bias_s, mask_s, has_mask, has_extents, d
         ROWS=cfg.rows, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, HEAD_DIM=D,
         ACC_DTYPE=_acc_dtype(dtype), DOT_PRECISION=_dot_precision(dtype),
         FAST_EXP2=_fast_exp2(dtype, device), ROW_OFFSET_DTYPE=row_offset_dtype(L, D, k_s, v_s),
-        END_TILE_SELECT=_options.end_tile_select, **_launch_options(cfg))
+        END_TILE_SELECT=_options.end_tile_select,
+        BIAS_PADDED=_options.pad_bias_tiles and _padded_bias_width(L, cfg) != L, **_launch_options(cfg))
     return _launch_plan(grid, scalars, constants)
 
 
@@ -316,10 +317,21 @@ def launch_forward(q, k, v, bias, mask, scale: float, extents=None) -> tuple[tor
         return out, lse
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     extents_t, has_extents = _extents_args(extents, q)
+    if _options.pad_bias_tiles:
+        tiles = _padded_bias_width(L, launch_config("forward", L, D, q.dtype, q.device))
+        if tiles != L:
+            bias = torch.nn.functional.pad(bias, (0, tiles - L, 0, tiles - L))
     plan = _plan(_forward_plan, q.shape, q.stride(), k.stride(), v.stride(), bias.stride(), mask_strides, has_mask,
                  has_extents, q.dtype, q.device, scale)
     _launch(attention_fwd_kernel, plan, (q, k, v, bias, mask_t, extents_t, out, lse))
     return out, lse
+
+
+def _padded_bias_width(L: int, cfg: LaunchConfig) -> int:
+    """With KernelOptions.pad_bias_tiles, the forward's bias is padded with zeros to this many rows and columns
+    (L rounded up to whole tiles; L itself where the tiles divide L), so that its tiles load unmasked."""
+    tile = max(cfg.block_j, cfg.block_k)
+    return L if _even(L, cfg, False) else -(-L // tile) * tile
 
 
 @triton_op("flash_tt_attn::attention_fwd", mutates_args=())

@@ -80,6 +80,9 @@ class KernelOptions:
     end_tile_select: the forward's bounds-masked and padded-tail code drops the keys past the end (L or the
     real length) by a select only in the key tile that holds the end, not in every tile (PERF.md, after v25;
     off until measured).
+    pad_bias_tiles: where the tiles do not divide L, the forward reads a copy of the bias padded with zeros to
+    whole tiles, unmasked: Triton proves a mask at ``k < L`` constant over a vector only for L a multiple of
+    16, and otherwise reads the bias tile two bytes at a time (PERF.md, after v25; off until measured).
     """
 
     fast_exp2: bool = True
@@ -92,6 +95,7 @@ class KernelOptions:
     row_offset_dtype: Optional[object] = None
     register_caps: bool = True
     end_tile_select: bool = False
+    pad_bias_tiles: bool = False
 
 
 class LargeConfig(NamedTuple):

@@ -214,8 +214,10 @@ def test_padding_spec_compares_the_padded_batch_with_both_full_length_calls_capp
                     "uncapped": {"register_caps": False},
                     "lengths_end_tile": {"provider": "flash_tt_attn_lengths", "end_tile_select": True},
                     "lengths_full_end_tile": {"provider": "flash_tt_attn_lengths_full", "end_tile_select": True},
-                    "end_tile": {"end_tile_select": True}}
-    assert {p.L for p in pts if p.provider in ("uncapped", "end_tile")} == {1000} and 1000 % 64
+                    "end_tile": {"end_tile_select": True}, "padded_bias": {"pad_bias_tiles": True},
+                    "padded_bias_end_tile": {"pad_bias_tiles": True, "end_tile_select": True}}
+    odd = ("uncapped", "end_tile", "padded_bias", "padded_bias_end_tile")
+    assert {p.L for p in pts if p.provider in odd} == {1000} and 1000 % 64
     speedup = next(t for t in spec.tables if t.file == "padding-speedup")
     assert speedup.target == "flash_tt_attn_lengths"
     assert speedup.baselines == ("flash_tt_attn", "flash_tt_attn_lengths_full", "lengths_uncapped")

@@ -305,11 +305,15 @@ def _outputs_and_gradients(ins, dout, call):
     return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4])
-def test_end_tile_select_gives_the_same_bits(rows):
-    """KernelOptions.end_tile_select (the forward's select only in the key tile holding the end, PERF.md after
-    v25): bitwise the default forward and its gradients, on a masked path (L = 19 on tiles of 16, with and
-    without a padded tail) and on tiles that divide L (L = 64 on 32) with tails inside and on a tile's edge."""
+@pytest.mark.parametrize("switches, rows", [
+    ({"end_tile_select": True}, 1), ({"end_tile_select": True}, 2), ({"end_tile_select": True}, 4),
+    ({"pad_bias_tiles": True}, 2), ({"end_tile_select": True, "pad_bias_tiles": True}, 4),
+], ids=["end_tile-rows1", "end_tile-rows2", "end_tile-rows4", "pad_bias-rows2", "both-rows4"])
+def test_forward_switches_off_by_default_give_the_same_bits(switches, rows):
+    """KernelOptions.end_tile_select (the forward's select only in the key tile holding the end) and
+    pad_bias_tiles (the forward reads a zero-padded copy of the bias, whole tiles, unmasked), PERF.md after v25:
+    bitwise the default forward and its gradients, on a masked path (L = 19 on tiles of 16, with and without a
+    padded tail) and on tiles that divide L (L = 64 on 32) with tails inside and on a tile's edge."""
     gen = torch.Generator().manual_seed(rows)
     for L, tile, lengths in ((19, 16, None), (19, 16, [19, 6, 0, 16]), (64, 32, [40, 32, 64, 0])):
         q, k, v = (torch.randn(4, 1, L, L, 16, generator=gen) for _ in range(3))
@@ -323,7 +327,7 @@ def test_end_tile_select_gives_the_same_bits(rows):
                    for kernel in ("forward", "dq", "dkdv")}
         with ops.override(configs=configs):
             want = _outputs_and_gradients([q, k, v, bias], dout, call)
-            with ops.override(end_tile_select=True):
+            with ops.override(**switches):
                 got = _outputs_and_gradients([q, k, v, bias], dout, call)
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b), (L, lengths)

@@ -159,7 +159,8 @@ def main(argv=None):
                       ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", FAST_EXP2=True, LOOP_STAGES=3)
         cases = {
             "forward": (kernels["forward"].attention_fwd_kernel,
-                        dict(ROWS=2, ROW_OFFSET_DTYPE=tl.int32, END_TILE_SELECT=args.end_tile_select)),
+                        dict(ROWS=2, ROW_OFFSET_DTYPE=tl.int32, END_TILE_SELECT=args.end_tile_select,
+                             BIAS_PADDED=False)),
             "dq": (kernels["backward"].attention_bwd_dq_kernel,
                    dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
             "dkdv": (kernels["backward"].attention_bwd_dkdv_kernel,

@@ -148,6 +148,7 @@ def attention_fwd_kernel(
     LOOP_STAGES: tl.constexpr,
     ROW_OFFSET_DTYPE: tl.constexpr,
     END_TILE_SELECT: tl.constexpr,
+    BIAS_PADDED: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -203,7 +204,7 @@ def attention_fwd_kernel(
         v_rel = offs_k[:, None].to(ROW_OFFSET_DTYPE) * stride_vk + offs_d[None, :] * stride_vd
         mask_rel = offs_k * stride_mk
         bias_ptrs = bias_base + offs_k[None, :] * stride_bk
-        if EVEN_L:
+        if EVEN_L or BIAS_PADDED:  # BIAS_PADDED: the bias holds whole tiles (KernelOptions.pad_bias_tiles)
             bias = tl.load(bias_ptrs).to(ACC_DTYPE)
         else:
             # Bounded by L, not by key_end: see the module docstring.
