@@ -315,7 +315,7 @@ def test_forward_switches_off_by_default_give_the_same_bits(switches, rows):
     bitwise the default forward and its gradients, on a masked path (L = 19 on tiles of 16, with and without a
     padded tail) and on tiles that divide L (L = 64 on 32) with tails inside and on a tile's edge."""
     gen = torch.Generator().manual_seed(rows)
-    for L, tile, lengths in ((19, 16, None), (19, 16, [19, 6, 0, 16]), (64, 32, [40, 32, 64, 0])):
+    for L, tile, lengths in ((19, 16, None), (19, 16, [19, 7, 0, 16]), (64, 32, [40, 33, 64, 0])):
         q, k, v = (torch.randn(4, 1, L, L, 16, generator=gen) for _ in range(3))
         bias, dout = torch.randn(4, 1, L, L, generator=gen), torch.randn(4, 1, L, L, 16, generator=gen)
         kw = {} if lengths is None else {"lengths": torch.tensor(lengths)}
@@ -325,10 +325,13 @@ def test_forward_switches_off_by_default_give_the_same_bits(switches, rows):
 
         configs = {kernel: ops.LaunchConfig(tile, tile, 1, 1, rows=min(rows, 2) if kernel != "forward" else rows)
                    for kernel in ("forward", "dq", "dkdv")}
+        extents = None if lengths is None else api.padded_extents(torch.tensor(lengths), L)
         with ops.override(configs=configs):
             want = _outputs_and_gradients([q, k, v, bias], dout, call)
+            want += ops.launch_forward(q, k, v, bias, None, 0.25, extents)  # the lse too: +inf on padded rows
             with ops.override(**switches):
                 got = _outputs_and_gradients([q, k, v, bias], dout, call)
+                got += ops.launch_forward(q, k, v, bias, None, 0.25, extents)
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b), (L, lengths)
 

@@ -35,7 +35,7 @@ from .common import LOG2E, exp2, prescale, scores
 
 
 @triton.jit
-def _row_scores(q, kt_ptrs, bias, mask_ptrs, k_in, row_ok, scale, tile_ends_early,
+def _row_scores(q, kt_ptrs, bias, mask_ptrs, k_in, row_ok, scale, select_keys,
                 ROW_MAY_BE_OUT: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_L: tl.constexpr,
                 HAS_EXTENTS: tl.constexpr, END_TILE_SELECT: tl.constexpr, Q_PRESCALED: tl.constexpr,
                 ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -45,9 +45,9 @@ def _row_scores(q, kt_ptrs, bias, mask_ptrs, k_in, row_ok, scale, tile_ends_earl
     row_ok is a [BLOCK_K] block, all True or all False (is this row inside the tensor?);
     it is read only when ROW_MAY_BE_OUT. With EVEN_L and a padded tail, k is loaded unmasked (the tile lies
     inside L) and the keys past the real length are dropped from the scores. With END_TILE_SELECT (and no
-    mask) they are dropped only where tile_ends_early (a scalar: the key block reaches past the real length or
-    L): a tile wholly inside skips the select, one branch per tile instead of a select per score. A row past
-    the tensor's rows then keeps finite scores in its full tiles; its results are never stored.
+    mask) they are dropped only where select_keys (a scalar: the key block reaches past the real length or L,
+    or the row has no keys): a real row's tile wholly inside skips the select, one branch per tile instead of a
+    select per score.
     """
     if ROW_MAY_BE_OUT:
         k_in = k_in & row_ok
@@ -61,7 +61,7 @@ def _row_scores(q, kt_ptrs, bias, mask_ptrs, k_in, row_ok, scale, tile_ends_earl
         s = tl.where(keep[None, :], s, float("-inf"))
     elif not EVEN_L or HAS_EXTENTS:
         if END_TILE_SELECT:
-            if tile_ends_early:
+            if select_keys:
                 s = tl.where(k_in[None, :], s, float("-inf"))
         else:
             s = tl.where(k_in[None, :], s, float("-inf"))
@@ -217,17 +217,17 @@ def attention_fwd_kernel(
         if ROWS >= 2:
             s1, kin1 = _row_scores(q1, k_base + (row0 + 1) * stride_ki + kt_rel, bias,
                                    mask_base + (row0 + 1) * stride_mi + mask_rel, k_in, ok1_k, scale,
-                                   tile_ends_early, True, HAS_MASK, EVEN_L, HAS_EXTENTS, END_TILE_SELECT,
-                                   Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+                                   tile_ends_early | (row0 + 1 >= key_rows), True, HAS_MASK, EVEN_L, HAS_EXTENTS,
+                                   END_TILE_SELECT, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
         if ROWS >= 4:
             s2, kin2 = _row_scores(q2, k_base + (row0 + 2) * stride_ki + kt_rel, bias,
                                    mask_base + (row0 + 2) * stride_mi + mask_rel, k_in, ok2_k, scale,
-                                   tile_ends_early, True, HAS_MASK, EVEN_L, HAS_EXTENTS, END_TILE_SELECT,
-                                   Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+                                   tile_ends_early | (row0 + 2 >= key_rows), True, HAS_MASK, EVEN_L, HAS_EXTENTS,
+                                   END_TILE_SELECT, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
             s3, kin3 = _row_scores(q3, k_base + (row0 + 3) * stride_ki + kt_rel, bias,
                                    mask_base + (row0 + 3) * stride_mi + mask_rel, k_in, ok3_k, scale,
-                                   tile_ends_early, True, HAS_MASK, EVEN_L, HAS_EXTENTS, END_TILE_SELECT,
-                                   Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
+                                   tile_ends_early | (row0 + 3 >= key_rows), True, HAS_MASK, EVEN_L, HAS_EXTENTS,
+                                   END_TILE_SELECT, Q_PRESCALED, ACC_DTYPE, DOT_PRECISION)
         m0, l0, acc0 = _online_softmax_update(s0, v_base + row0 * stride_vi + v_rel, m0, l0, acc0, kin0,
                                               not EVEN_L or HAS_EXTENTS, ACC_DTYPE, DOT_PRECISION, FAST_EXP2)
         if ROWS >= 2:
