@@ -366,16 +366,11 @@ class _TriangleAttentionBase(nn.Module):
         if all(n == L for n in sizes):
             return self._forward_items(x, mask, chunk_size, None)
         padded = self.mha.linear_o(x.new_zeros(1, self.no_heads * self.c_hidden)).view(1, 1, self.c_in)
-        out = None
+        out = padded.new_empty(B, L, L, self.c_in)
         for b, n in enumerate(sizes):
-            part = None
             if n:
                 crop = None if mask is None else mask[b:b + 1, :n, :n]
-                part = self._forward_items(x[b:b + 1, :n, :n], crop, chunk_size, None)
-            if out is None:
-                out = padded.new_empty(B, L, L, self.c_in)
-            if part is not None:
-                out[b:b + 1, :n, :n] = part
+                out[b:b + 1, :n, :n] = self._forward_items(x[b:b + 1, :n, :n], crop, chunk_size, None)
             out[b, n:] = padded
             out[b, :n, n:] = padded
         return out
