@@ -309,11 +309,12 @@ def _outputs_and_gradients(ins, dout, call):
     ({"end_tile_select": True}, 1), ({"end_tile_select": True}, 2), ({"end_tile_select": True}, 4),
     ({"pad_bias_tiles": True}, 2), ({"end_tile_select": True, "pad_bias_tiles": True}, 4),
 ], ids=["end_tile-rows1", "end_tile-rows2", "end_tile-rows4", "pad_bias-rows2", "both-rows4"])
-def test_forward_switches_off_by_default_give_the_same_bits(switches, rows):
-    """KernelOptions.end_tile_select (the forward's select only in the key tile holding the end) and
-    pad_bias_tiles (the forward reads a zero-padded copy of the bias, whole tiles, unmasked), PERF.md after v25:
-    bitwise the default forward and its gradients, on a masked path (L = 19 on tiles of 16, with and without a
-    padded tail) and on tiles that divide L (L = 64 on 32) with tails inside and on a tile's edge."""
+def test_forward_switches_give_the_same_bits_as_without(switches, rows):
+    """KernelOptions.end_tile_select (the forward's select only in the key tile holding the end; off by
+    default) and pad_bias_tiles (the forward reads a zero-padded copy of the bias, whole tiles, unmasked; on by
+    default since v27), PERF.md after v25: turned on, each gives bitwise the forward, its lse and the
+    gradients of both off, on a masked path (L = 19 on tiles of 16, with and without a padded tail) and on
+    tiles that divide L (L = 64 on 32) with tails inside and on a tile's edge."""
     gen = torch.Generator().manual_seed(rows)
     for L, tile, lengths in ((19, 16, None), (19, 16, [19, 7, 0, 16]), (64, 32, [40, 33, 64, 0])):
         q, k, v = (torch.randn(4, 1, L, L, 16, generator=gen) for _ in range(3))
@@ -326,7 +327,7 @@ def test_forward_switches_off_by_default_give_the_same_bits(switches, rows):
         configs = {kernel: ops.LaunchConfig(tile, tile, 1, 1, rows=min(rows, 2) if kernel != "forward" else rows)
                    for kernel in ("forward", "dq", "dkdv")}
         extents = None if lengths is None else api.padded_extents(torch.tensor(lengths), L)
-        with ops.override(configs=configs):
+        with ops.override(configs=configs, end_tile_select=False, pad_bias_tiles=False):
             want = _outputs_and_gradients([q, k, v, bias], dout, call)
             want += ops.launch_forward(q, k, v, bias, None, 0.25, extents)  # the lse too: +inf on padded rows
             with ops.override(**switches):
@@ -431,6 +432,27 @@ def test_module_lengths_crop_computes_real_pairs_only():
         rows.clear()
         m(x, lengths=torch.tensor([6, 6]))
         assert rows == [72]
+
+
+@pytest.mark.parametrize("chunk", [None, 2], ids=["whole", "chunk2"])
+def test_module_lengths_items_write_into_the_output(monkeypatch, chunk):
+    """Each item of a lengths= call writes its crop's output into the batch's output (chunk by chunk when
+    chunked) rather than into a tensor of its own that is then copied: the item's output is never held
+    twice (PERF.md v27; at B=2 L=4096 the copy was 4 GiB of peak memory)."""
+    m = block()
+    x, _ = pair(L=6)
+    targets, whole = [], m._forward_whole
+    chunked = m._forward_chunked
+    monkeypatch.setattr(m, "_forward_chunked", lambda *a: targets.append(a[-1]) or chunked(*a))
+    monkeypatch.setattr(m, "_forward_whole", lambda *a: targets.append(None) or whole(*a))
+    with torch.no_grad():
+        got = m(x, lengths=torch.tensor([6, 3]), chunk_size=chunk)
+    if chunk is None:
+        assert targets == [None, None]  # whole items: computed, then copied into place
+    else:
+        assert len(targets) == 2 and all(t.untyped_storage().data_ptr() == got.untyped_storage().data_ptr()
+                                         for t in targets)
+    assert torch.equal(got[1:2, :3, :3], m(x[1:2, :3, :3], chunk_size=chunk))
 
 
 @pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
