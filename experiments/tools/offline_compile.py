@@ -139,6 +139,10 @@ def main(argv=None):
                     help="compile the variants for a padded tail (lengths=: HAS_EXTENTS, bounds masks on)")
     ap.add_argument("--end-tile-select", action="store_true",
                     help="compile the forward with KernelOptions.end_tile_select (its select only in the end tile)")
+    ap.add_argument("--unpadded-bias", action="store_true",
+                    help="with --padded-tail, the forward reads the bias masked, as before v27 (KernelOptions."
+                         "pad_bias_tiles off); by default it reads a whole-tile copy unmasked, as launches at an L "
+                         "the tiles do not divide do")
     ap.add_argument("--kernel", action="append", choices=KERNEL_NAMES,
                     help="compile only this kernel (repeatable); default: all four")
     args = ap.parse_args(argv)
@@ -160,7 +164,7 @@ def main(argv=None):
         cases = {
             "forward": (kernels["forward"].attention_fwd_kernel,
                         dict(ROWS=2, ROW_OFFSET_DTYPE=tl.int32, END_TILE_SELECT=args.end_tile_select,
-                             BIAS_PADDED=False)),
+                             BIAS_PADDED=padded and not args.unpadded_bias)),
             "dq": (kernels["backward"].attention_bwd_dq_kernel,
                    dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
             "dkdv": (kernels["backward"].attention_bwd_dkdv_kernel,
