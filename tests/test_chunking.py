@@ -172,8 +172,8 @@ def test_gpu_small_no_grad_forward_asks_the_driver_nothing(monkeypatch):
     chunked = []
     real_chunked = modules._TriangleAttentionBase._forward_chunked
     monkeypatch.setattr(modules._TriangleAttentionBase, "_forward_chunked",
-                        lambda self, x, mask, rows, lengths: chunked.append(rows) or real_chunked(self, x, mask, rows,
-                                                                                                   lengths))
+                        lambda self, x, mask, rows, lengths, out=None: chunked.append(rows)
+                        or real_chunked(self, x, mask, rows, lengths, out))
     with torch.no_grad():
         whole = m(x)
         assert asked == [] and chunked == []
@@ -192,7 +192,8 @@ def test_no_grad_forward_chunks_automatically(monkeypatch):
     seen = []
     real = modules._TriangleAttentionBase._forward_chunked
     monkeypatch.setattr(modules._TriangleAttentionBase, "_forward_chunked",
-                        lambda self, x, mask, rows, lengths: seen.append(rows) or real(self, x, mask, rows, lengths))
+                        lambda self, x, mask, rows, lengths, out=None: seen.append(rows)
+                        or real(self, x, mask, rows, lengths, out))
     per_row = 6 * (2 * 8 + 8 * 32) * 4
     monkeypatch.setattr(modules, "CPU_CHUNK_BYTES", 2 * 2 * per_row)  # B=2: two rows per chunk
     with torch.no_grad():
