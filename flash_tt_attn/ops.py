@@ -264,6 +264,7 @@ class KeyValueGradientPlan(NamedTuple):
 
     key_major_bias: bool
     kernel: LaunchPlan
+    bias_width: int  # L, or the width of the zero-padded copy it reads (KernelOptions.pad_bias_tiles_backward)
 
 
 _PLANS: dict = {}
@@ -327,6 +328,18 @@ def launch_forward(q, k, v, bias, mask, scale: float, extents=None) -> tuple[tor
     return out, lse
 
 
+def _backward_bias_width(L: int, cfg: LaunchConfig) -> int:
+    """The bias width dq or dk/dv reads: with KernelOptions.pad_bias_tiles_backward where the tiles do not
+    divide L, a zero-padded copy of whole tiles (as the forward's, :func:`_padded_bias_width`); else L."""
+    return _padded_bias_width(L, cfg) if _options.pad_bias_tiles_backward else L
+
+
+def _pad_bias(bias: torch.Tensor, width: int) -> torch.Tensor:
+    """bias (B, H, L, L) with zeros appended to ``width`` rows and columns (bias itself when width is L)."""
+    L = bias.shape[-1]
+    return bias if width == L else torch.nn.functional.pad(bias, (0, width - L, 0, width - L))
+
+
 def _padded_bias_width(L: int, cfg: LaunchConfig) -> int:
     """With KernelOptions.pad_bias_tiles, the forward's bias is padded with zeros to this many rows and columns
     (L rounded up to whole tiles; L itself where the tiles divide L), so that its tiles load unmasked."""
@@ -347,11 +360,14 @@ def _dq_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, dtype, device,
     B, H, R, L, D = shape
     cfg = launch_config("dq", L, D, dtype, device)
     grid = (cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H)
+    width = _backward_bias_width(L, cfg)
+    if width != L:  # the zero-padded copy launch_backward makes (contiguous)
+        bias_s = _contiguous_strides((B, H, width, width))
     scalars = (*q_s, *_contiguous_strides(shape), *k_s, *v_s, *out_s, *dout_s, *bias_s, *mask_s,
                *_contiguous_strides((B, H, R, L)), H, R, L, scale)
     constants = dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=row_offset_dtype(L, D, k_s, v_s),
                      SETTLE=_settle(dtype, device, cfg), **_prescaled(dict(common), cfg), **_tile_args(L, cfg, common),
-                     **_launch_options(cfg))
+                     BIAS_PADDED=width != L, **_launch_options(cfg))
     return _launch_plan(grid, scalars, constants)
 
 
@@ -383,17 +399,18 @@ def _dkdv_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scal
     B, H, R, L, D = shape
     cfg = launch_config("dkdv", L, D, dtype, device)
     # The strides of the bias tiles the kernel reads: launch_backward's key-major copy, as torch lays it out.
-    tiles_s = bias_s
+    width = _backward_bias_width(L, cfg)
+    tiles_s = bias_s if width == L else _contiguous_strides((B, H, width, width))  # launch_backward's padded copy
     if cfg.key_major_bias:
-        tiles_s = torch.empty_strided((B, H, L, L), bias_s, device="meta").mT.contiguous().mT.stride()
+        tiles_s = torch.empty_strided((B, H, width, width), tiles_s, device="meta").mT.contiguous().mT.stride()
     grid = (cdiv(L, cfg.block_k), cdiv(R, cfg.rows), B * H)
     grads_s = _contiguous_strides(shape)
     scalars = (*q_s, *k_s, *v_s, *grads_s, *grads_s, *dout_s, *tiles_s, *mask_s,
                *_contiguous_strides((B, H, R, L)), H, R, L, scale)
     constants = dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=row_offset_dtype(L, D, q_s, dout_s),
                      SETTLE=_settle(dtype, device, cfg), **_prescaled(dict(common), cfg), **_tile_args(L, cfg, common),
-                     **_launch_options(cfg))
-    return KeyValueGradientPlan(cfg.key_major_bias, _launch_plan(grid, scalars, constants))
+                     BIAS_PADDED=width != L, **_launch_options(cfg))
+    return KeyValueGradientPlan(cfg.key_major_bias, _launch_plan(grid, scalars, constants), width)
 
 
 def backward_constants(dtype: torch.dtype, device: torch.device, head_dim: int, has_mask: bool,
@@ -440,7 +457,11 @@ def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float, extents=N
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     # dq, and delta = rowsum(dO · O) into delta for the two kernels that follow.
-    _launch(attention_bwd_dq_kernel, plans.dq, (q, k, v, bias, mask_t, extents_t, out, dout, lse, delta, dq))
+    dq_bias = bias
+    if _options.pad_bias_tiles_backward:
+        dq_bias = _pad_bias(bias, _backward_bias_width(L, launch_config("dq", L, D, q.dtype, device)))
+    _launch(attention_bwd_dq_kernel, plans.dq, (q, k, v, dq_bias, mask_t, extents_t, out, dout, lse, delta, dq))
+    del dq_bias
     dbias_plan = plans.dbias
 
     def bias_gradient():
@@ -460,7 +481,8 @@ def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float, extents=N
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
         # The same bias values, strided key-major (a copy unless it already is, as for the ending node's
         # transposed view): this kernel's transposed tiles then load as contiguous vectors.
-        bias_tiles = bias.mT.contiguous().mT if plan.key_major_bias else bias
+        bias_tiles = _pad_bias(bias, plan.bias_width)
+        bias_tiles = bias_tiles.mT.contiguous().mT if plan.key_major_bias else bias_tiles
         _launch(attention_bwd_dkdv_kernel, plan.kernel,
                 (q, k, v, bias_tiles, mask_t, extents_t, dout, lse, delta, dk, dv))
         return dk, dv

@@ -84,6 +84,8 @@ class KernelOptions:
     whole tiles, unmasked: Triton proves a mask at ``k < L`` constant over a vector only for L a multiple of
     16, and otherwise reads the bias tile two bytes at a time (PERF.md v27: 1.59x the forward at L = 1000 on an
     H100; on by default). The copy costs one pass over the bias per forward call.
+    pad_bias_tiles_backward: the same for dq and dk/dv (dk/dv's key-major copy is then made from the padded
+    bias): their bias tiles load unmasked (off until measured; PERF.md after v27).
     """
 
     fast_exp2: bool = True
@@ -97,6 +99,7 @@ class KernelOptions:
     register_caps: bool = True
     end_tile_select: bool = False
     pad_bias_tiles: bool = True
+    pad_bias_tiles_backward: bool = False
 
 
 class LargeConfig(NamedTuple):

@@ -203,7 +203,8 @@ def test_long_inference_spec_sweeps_its_own_providers():
 def test_padding_spec_compares_the_padded_batch_with_both_full_length_calls_capped_and_not():
     """Each lengths= provider beside its uncapped variant (the same call without the forward's register cap),
     and the unpadded call at an L the tiles do not divide beside its uncapped variant and the one that reads
-    the bias masked (unpadded_bias, the default before v27)."""
+    the bias masked (unpadded_bias, the default before v27), and the backward reading a padded copy too
+    (padded_bias_backward)."""
     spec = load_spec(EXPERIMENTS / "padding.yaml")
     assert spec.op == "attention" and spec.metrics == ("latency",)
     pts = spec.points()
@@ -217,9 +218,11 @@ def test_padding_spec_compares_the_padded_batch_with_both_full_length_calls_capp
                     "lengths_full_end_tile": {"provider": "flash_tt_attn_lengths_full", "end_tile_select": True},
                     "end_tile": {"end_tile_select": True}, "padded_bias": {"pad_bias_tiles": True},
                     "padded_bias_end_tile": {"pad_bias_tiles": True, "end_tile_select": True},
-                    "unpadded_bias": {"pad_bias_tiles": False}}
-    odd = ("uncapped", "end_tile", "padded_bias", "padded_bias_end_tile", "unpadded_bias")
+                    "unpadded_bias": {"pad_bias_tiles": False},
+                    "padded_bias_backward": {"pad_bias_tiles_backward": True}}
+    odd = ("uncapped", "end_tile", "padded_bias", "padded_bias_end_tile", "unpadded_bias", "padded_bias_backward")
     assert {p.L for p in pts if p.provider in odd} == {1000} and 1000 % 64
+    assert {p.mode for p in pts if p.provider == "padded_bias_backward"} == {"fwd_bwd"}  # the forward is unchanged
     speedup = next(t for t in spec.tables if t.file == "padding-speedup")
     assert speedup.target == "flash_tt_attn_lengths"
     assert speedup.baselines == ("flash_tt_attn", "flash_tt_attn_lengths_full", "lengths_uncapped")

@@ -309,13 +309,16 @@ def _outputs_and_gradients(ins, dout, call):
 @pytest.mark.parametrize("switches, rows", [
     ({"end_tile_select": True}, 1), ({"end_tile_select": True}, 2), ({"end_tile_select": True}, 4),
     ({"pad_bias_tiles": True}, 2), ({"end_tile_select": True, "pad_bias_tiles": True}, 4),
-], ids=["end_tile-rows1", "end_tile-rows2", "end_tile-rows4", "pad_bias-rows2", "both-rows4"])
-def test_forward_switches_give_the_same_bits_as_without(switches, rows):
+    ({"pad_bias_tiles_backward": True}, 1), ({"pad_bias_tiles_backward": True, "pad_bias_tiles": True}, 2),
+], ids=["end_tile-rows1", "end_tile-rows2", "end_tile-rows4", "pad_bias-rows2", "both-rows4",
+        "pad_bias_backward-rows1", "pad_bias_both-rows2"])
+def test_kernel_switches_give_the_same_bits_as_without(switches, rows):
     """KernelOptions.end_tile_select (the forward's select only in the key tile holding the end; off by
-    default) and pad_bias_tiles (the forward reads a zero-padded copy of the bias, whole tiles, unmasked; on by
-    default since v27), PERF.md after v25: turned on, each gives bitwise the forward, its lse and the
-    gradients of both off, on a masked path (L = 19 on tiles of 16, with and without a padded tail) and on
-    tiles that divide L (L = 64 on 32) with tails inside and on a tile's edge."""
+    default), pad_bias_tiles (the forward reads a zero-padded copy of the bias, whole tiles, unmasked; on by
+    default since v27) and pad_bias_tiles_backward (dq and dk/dv read such a copy; off), PERF.md after v25 and
+    v27: turned on, each gives bitwise the forward, its lse and the gradients of all three off, on a masked
+    path (L = 19 on tiles of 16, with and without a padded tail) and on tiles that divide L (L = 64 on 32) with
+    tails inside and on a tile's edge."""
     gen = torch.Generator().manual_seed(rows)
     for L, tile, lengths in ((19, 16, None), (19, 16, [19, 7, 0, 16]), (64, 32, [40, 33, 64, 0])):
         q, k, v = (torch.randn(4, 1, L, L, 16, generator=gen) for _ in range(3))

@@ -60,6 +60,24 @@ def test_offline_compile_the_padded_tail_forward_and_dq_load_whole_vectors():
         assert "compiled (" in line and ", 0 two-byte global loads," in line, line
 
 
+def test_offline_compile_at_an_odd_length_the_backward_reads_whole_vectors_only_from_a_padded_bias():
+    """At L = 1000 (not a multiple of the 64-wide tiles) dq and dk/dv read their bias tiles, masked at L, two bytes
+    at a time (Triton proves a mask at k < L constant over a vector only for L a multiple of 16), as the forward
+    did before v27; with KernelOptions.pad_bias_tiles_backward's zero-padded copy they read whole vectors, and
+    the forward reads its padded copy by default."""
+    masked = _run("offline_compile.py", "--length", "1000", "--kernel", "dq", "--kernel", "dkdv")
+    padded = _run("offline_compile.py", "--length", "1000", "--padded-bias-backward", "--kernel", "forward",
+                  "--kernel", "dq", "--kernel", "dkdv")
+    for result in (masked, padded):
+        assert result.returncode == 0, result.stdout + result.stderr
+    narrow = {}
+    for name, result in (("masked", masked), ("padded", padded)):
+        for line in result.stdout.splitlines():
+            narrow[name, line.split(":")[0]] = int(re.search(r", (\d+) two-byte global loads,", line).group(1))
+    assert narrow["masked", "dq"] > 0 and narrow["masked", "dkdv"] > 0, masked.stdout
+    assert narrow["padded", "forward"] == narrow["padded", "dq"] == narrow["padded", "dkdv"] == 0, padded.stdout
+
+
 def test_offline_compile_reports_registers_and_the_padded_forward_keeps_three_programs_per_sm(monkeypatch):
     """The forward's register cap (v25) keeps its padded-tail code at three programs per SM: uncapped it takes
     186 registers (Triton 3.6), two programs. The script compiles the shipped caps (tuning.TABLE's)."""

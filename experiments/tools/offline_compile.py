@@ -8,7 +8,8 @@ with the GPU's Triton version (3.6) will do. With --warp-specialize every main l
 ``tl.range(..., warp_specialize=True)`` (Triton's automatic warp specialization) in a patched copy of the
 kernels; docs/performance.md records that Triton 3.6 fails on all four kernels then.
 
-Usage: python experiments/tools/offline_compile.py [--warp-specialize] [--kernel NAME ...]
+Usage: python experiments/tools/offline_compile.py [--warp-specialize] [--padded-tail] [--length L] [--kernel NAME ...]
+(--help lists the rest)
 """
 
 import argparse
@@ -56,29 +57,32 @@ def load_kernels(directory):
     return modules
 
 
-def integer_args(key_major_bias=False):
+def integer_args(L=L, key_major_bias=False, bias_width=None):
     """Every integer argument's value for contiguous (B, H, L, L, D) tensors; strides of 1 become constexprs
     and multiples of 16 get the divisibility hint, as Triton's JIT does. With key_major_bias the bias has the
-    strides of the key-major copy that ops._launch_dkdv makes for configs with LaunchConfig.key_major_bias
-    (the shipped D=32 dk/dv): bias[j, k] at k·L + j."""
+    strides of the key-major copy that ops.launch_backward makes for configs with LaunchConfig.key_major_bias
+    (the shipped D=32 dk/dv): bias[j, k] at k·width + j. bias_width: the width of the zero-padded copy of the
+    bias the kernel reads (ops._padded_bias_width), L when it reads the bias itself."""
+    width = bias_width or L
     values = dict(H=H, R=L, L=L, rows_per_split=L, stride_mb=0, stride_mi=0, stride_mk=0)
     five = (H * L * L * D, L * L * D, L * D, D, 1)
     for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
         for suffix, stride in zip(("b", "h", "i", "j" if t in ("q", "o", "do", "dq") else "k", "d"), five, strict=True):
             values[f"stride_{t}{suffix}"] = stride
-    for prefix, names in (("b", "bhjk"), ("l", "bhij")):
-        for n, stride in zip(names, (H * L * L, L * L, L, 1), strict=True):
+    for prefix, names, n_keys in (("b", "bhjk", width), ("l", "bhij", L)):
+        for n, stride in zip(names, (H * n_keys * n_keys, n_keys * n_keys, n_keys, 1), strict=True):
             values[f"stride_{prefix}{n}"] = stride
     if key_major_bias:
-        values["stride_bj"], values["stride_bk"] = 1, L
+        values["stride_bj"], values["stride_bk"] = 1, width
     for n, stride in zip("sbhjk", (B * H * L * L, H * L * L, L * L, L, 1), strict=True):
         values[f"stride_p{n}"] = stride
     return values
 
 
-def compile_one(fn, constexprs, key_major_bias=False, max_registers=None):
+def compile_one(fn, constexprs, key_major_bias=False, max_registers=None, length=L):
     pointers = dict(MASK="*u8", EXTENTS="*i32", LSE="*fp32", DELTA="*fp32")
-    ints = integer_args(key_major_bias)
+    tile = constexprs["BLOCK_K"]
+    ints = integer_args(length, key_major_bias, -(-length // tile) * tile if constexprs.get("BIAS_PADDED") else None)
     signature, attrs, constants = {}, {}, dict(constexprs)
     for index, name in enumerate(fn.arg_names):
         if name in constants:
@@ -140,9 +144,15 @@ def main(argv=None):
     ap.add_argument("--end-tile-select", action="store_true",
                     help="compile the forward with KernelOptions.end_tile_select (its select only in the end tile)")
     ap.add_argument("--unpadded-bias", action="store_true",
-                    help="with --padded-tail, the forward reads the bias masked, as before v27 (KernelOptions."
+                    help="with bounds masks on, the forward reads the bias masked, as before v27 (KernelOptions."
                          "pad_bias_tiles off); by default it reads a whole-tile copy unmasked, as launches at an L "
                          "the tiles do not divide do")
+    ap.add_argument("--padded-bias-backward", action="store_true",
+                    help="with bounds masks on, dq and dk/dv read a whole-tile copy of the bias unmasked "
+                         "(KernelOptions.pad_bias_tiles_backward, off by default); otherwise masked")
+    ap.add_argument("--length", type=int, default=L,
+                    help=f"the sequence length L the integer arguments describe (default {L}); at an L the 64-wide "
+                         "tiles do not divide, the bounds masks are on, as with --padded-tail")
     ap.add_argument("--kernel", action="append", choices=KERNEL_NAMES,
                     help="compile only this kernel (repeatable); default: all four")
     args = ap.parse_args(argv)
@@ -158,17 +168,20 @@ def main(argv=None):
         shutil.rmtree(directory / "__pycache__", ignore_errors=True)
         kernels = load_kernels(directory)
         padded = args.padded_tail
-        common = dict(HAS_MASK=False, HAS_EXTENTS=padded, EVEN_L=not padded, Q_PRESCALED=True,
+        masked = padded or args.length % 64 != 0  # bounds masks on: a padded tail, or tiles that do not divide L
+        common = dict(HAS_MASK=False, HAS_EXTENTS=padded, EVEN_L=not masked, Q_PRESCALED=True,
                       BLOCK_J=64, BLOCK_K=64, HEAD_DIM=D,
                       ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", FAST_EXP2=True, LOOP_STAGES=3)
         cases = {
             "forward": (kernels["forward"].attention_fwd_kernel,
                         dict(ROWS=2, ROW_OFFSET_DTYPE=tl.int32, END_TILE_SELECT=args.end_tile_select,
-                             BIAS_PADDED=padded and not args.unpadded_bias)),
+                             BIAS_PADDED=masked and not args.unpadded_bias)),
             "dq": (kernels["backward"].attention_bwd_dq_kernel,
-                   dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
+                   dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True,
+                        BIAS_PADDED=masked and args.padded_bias_backward)),
             "dkdv": (kernels["backward"].attention_bwd_dkdv_kernel,
-                     dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True)),
+                     dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True,
+                          BIAS_PADDED=masked and args.padded_bias_backward)),
             "dbias": (kernels["backward"].attention_bwd_dbias_kernel, dict(UNSCALED_SCORES=True)),
         }
         for name, (fn, extra) in cases.items():
@@ -176,7 +189,7 @@ def main(argv=None):
                 continue
             try:
                 compiled = compile_one(fn, {**common, **extra}, key_major_bias=name == "dkdv",
-                                       max_registers=MAX_REGISTERS[name])
+                                       max_registers=MAX_REGISTERS[name], length=args.length)
                 narrow = two_byte_global_loads(compiled.asm["ptx"])
                 registers, spilled = ptxas_usage(compiled.asm["ptx"])
                 shared = compiled.metadata.shared

@@ -111,6 +111,7 @@ def attention_bwd_dq_kernel(
     LOOP_STAGES: tl.constexpr,
     ROW_OFFSET_DTYPE: tl.constexpr,
     SETTLE: tl.constexpr,
+    BIAS_PADDED: tl.constexpr,
 ):
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -164,7 +165,7 @@ def attention_bwd_dq_kernel(
         k_rel = offs_k[:, None].to(ROW_OFFSET_DTYPE) * stride_kk + offs_d[None, :] * stride_kd
         vt_rel = offs_k[None, :].to(ROW_OFFSET_DTYPE) * stride_vk + offs_d[:, None] * stride_vd
         bias_ptrs = bias_base + offs_k[None, :] * stride_bk
-        if EVEN_L:
+        if EVEN_L or BIAS_PADDED:  # BIAS_PADDED: zeros past L to whole tiles (KernelOptions.pad_bias_tiles_backward)
             bias = tl.load(bias_ptrs).to(ACC_DTYPE)
         else:
             # Bounded by L, not by key_end, as in the forward (forward.py's module docstring says why).
@@ -260,6 +261,7 @@ def attention_bwd_dkdv_kernel(
     LOOP_STAGES: tl.constexpr,
     ROW_OFFSET_DTYPE: tl.constexpr,
     SETTLE: tl.constexpr,
+    BIAS_PADDED: tl.constexpr,
 ):
     k_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
@@ -315,7 +317,7 @@ def attention_bwd_dkdv_kernel(
         do_rel = offs_j[:, None].to(ROW_OFFSET_DTYPE) * stride_doj + offs_d[None, :] * stride_dod
         lse_rel = lse_base + offs_j * stride_lj
         bias_ptrs = bias_base + offs_j[None, :] * stride_bj
-        if EVEN_L:
+        if EVEN_L or BIAS_PADDED:  # BIAS_PADDED: zeros past L to whole tiles (KernelOptions.pad_bias_tiles_backward)
             bias_t = tl.load(bias_ptrs).to(ACC_DTYPE)
         else:
             bias_t = tl.load(bias_ptrs, mask=k_in[:, None] & j_in[None, :], other=0.0).to(ACC_DTYPE)
