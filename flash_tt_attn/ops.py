@@ -251,12 +251,17 @@ def _launch_plan(grid: tuple, scalars: tuple, constants: dict) -> LaunchPlan:
 
 class BiasGradientPlan(NamedTuple):
     """The bias gradient: its kernel's launch into ``partial`` (one slice per split of the rows i), and the
-    fixed-order sum over the splits when there are several (``split_sum``, else None)."""
+    fixed-order sum over the splits when there are several (``split_sum``, else None; None too when the dk/dv
+    kernel sums them, KernelOptions.fold_split_sum)."""
 
     partial_shape: tuple
     partial_dtype: torch.dtype
     kernel: LaunchPlan
     split_sum: Optional[LaunchPlan]
+
+    @property
+    def splits(self) -> int:
+        return self.partial_shape[0]
 
 
 class KeyValueGradientPlan(NamedTuple):
@@ -265,6 +270,10 @@ class KeyValueGradientPlan(NamedTuple):
     key_major_bias: bool
     kernel: LaunchPlan
     bias_width: int  # L, or the width of the zero-padded copy it reads (KernelOptions.pad_bias_tiles_backward)
+    sums_dbias_splits: bool  # it also sums the bias gradient's row splits (KernelOptions.fold_split_sum)
+    #: the strides of the key-major copy the dq kernel writes for it (KernelOptions.fold_bias_copy), or None:
+    #: launch_backward then makes the copy itself where key_major_bias asks for one
+    bias_copy_strides: Optional[tuple]
 
 
 _PLANS: dict = {}
@@ -319,9 +328,7 @@ def launch_forward(q, k, v, bias, mask, scale: float, extents=None) -> tuple[tor
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     extents_t, has_extents = _extents_args(extents, q)
     if _options.pad_bias_tiles:
-        tiles = _padded_bias_width(L, launch_config("forward", L, D, q.dtype, q.device))
-        if tiles != L:
-            bias = torch.nn.functional.pad(bias, (0, tiles - L, 0, tiles - L))
+        bias = _pad_bias(bias, _padded_bias_width(L, launch_config("forward", L, D, q.dtype, q.device)))
     plan = _plan(_forward_plan, q.shape, q.stride(), k.stride(), v.stride(), bias.stride(), mask_strides, has_mask,
                  has_extents, q.dtype, q.device, scale)
     _launch(attention_fwd_kernel, plan, (q, k, v, bias, mask_t, extents_t, out, lse))
@@ -335,9 +342,13 @@ def _backward_bias_width(L: int, cfg: LaunchConfig) -> int:
 
 
 def _pad_bias(bias: torch.Tensor, width: int) -> torch.Tensor:
-    """bias (B, H, L, L) with zeros appended to ``width`` rows and columns (bias itself when width is L)."""
+    """bias (B, H, L, L) with zeros appended to ``width`` rows and columns, contiguous; bias itself when width
+    is L. Contiguous on purpose: the backward plans assume it (the forward's plan reads the copy's strides), and
+    F.pad keeps a channels-last input channels-last, as a bias permuted from (B, L, L, H) is."""
     L = bias.shape[-1]
-    return bias if width == L else torch.nn.functional.pad(bias, (0, width - L, 0, width - L))
+    if width == L:
+        return bias
+    return torch.nn.functional.pad(bias, (0, width - L, 0, width - L)).contiguous()
 
 
 def _padded_bias_width(L: int, cfg: LaunchConfig) -> int:
@@ -356,18 +367,21 @@ def attention_fwd(
     return launch_forward(q, k, v, bias, mask, scale, extents)
 
 
-def _dq_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, dtype, device, scale, common):
+def _dq_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, dtype, device, scale, common, dkdv):
+    """dq's launch; it also writes dk/dv's key-major copy of the bias when ``dkdv`` (its plan) says so."""
     B, H, R, L, D = shape
     cfg = launch_config("dq", L, D, dtype, device)
     grid = (cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H)
     width = _backward_bias_width(L, cfg)
     if width != L:  # the zero-padded copy launch_backward makes (contiguous)
         bias_s = _contiguous_strides((B, H, width, width))
+    copy_s = dkdv.bias_copy_strides or (0, 0, 0, 0)  # _dkdv_plan folds the copy only where its width is dq's
     scalars = (*q_s, *_contiguous_strides(shape), *k_s, *v_s, *out_s, *dout_s, *bias_s, *mask_s,
-               *_contiguous_strides((B, H, R, L)), H, R, L, scale)
+               *_contiguous_strides((B, H, R, L)), *copy_s, H, R, L, scale,
+               width if dkdv.bias_copy_strides is not None else 0)
     constants = dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=row_offset_dtype(L, D, k_s, v_s),
                      SETTLE=_settle(dtype, device, cfg), **_prescaled(dict(common), cfg), **_tile_args(L, cfg, common),
-                     BIAS_PADDED=width != L, **_launch_options(cfg))
+                     BIAS_PADDED=width != L, COPY_BIAS=dkdv.bias_copy_strides is not None, **_launch_options(cfg))
     return _launch_plan(grid, scalars, constants)
 
 
@@ -388,29 +402,38 @@ def _dbias_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, sca
     constants = dict(UNSCALED_SCORES=_dbias_unscaled_scores(scale), **dict(common), **_tile_args(L, cfg, common),
                      **_launch_options(cfg))
     split_sum = None
-    if splits > 1:
+    if splits > 1 and not _options.fold_split_sum:  # else the dk/dv kernel sums them (_dkdv_plan)
         n_elements = B * H * L * L
         split_sum = _launch_plan((cdiv(n_elements, SUM_BLOCK),), (n_elements, splits),
                                  dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK=SUM_BLOCK))
     return BiasGradientPlan(partial_shape, partial_dtype, _launch_plan(grid, scalars, constants), split_sum)
 
 
-def _dkdv_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common):
+def _dkdv_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common, dbias_splits=1):
+    """dbias_splits: the bias gradient's row splits, which this kernel sums (before its own work) when there are
+    several and KernelOptions.fold_split_sum is on."""
     B, H, R, L, D = shape
     cfg = launch_config("dkdv", L, D, dtype, device)
     # The strides of the bias tiles the kernel reads: launch_backward's key-major copy, as torch lays it out.
     width = _backward_bias_width(L, cfg)
     tiles_s = bias_s if width == L else _contiguous_strides((B, H, width, width))  # launch_backward's padded copy
+    copy_s = None
     if cfg.key_major_bias:
-        tiles_s = torch.empty_strided((B, H, width, width), tiles_s, device="meta").mT.contiguous().mT.stride()
+        read = torch.empty_strided((B, H, width, width), tiles_s, device="meta")
+        if (_options.fold_bias_copy and not read.mT.is_contiguous()  # a copy is needed (.contiguous() copies)
+                and width == _backward_bias_width(L, launch_config("dq", L, D, dtype, device))):  # dq reads as wide
+            copy_s = read.mT.contiguous().mT.stride()
+        tiles_s = read.mT.contiguous().mT.stride()
     grid = (cdiv(L, cfg.block_k), cdiv(R, cfg.rows), B * H)
     grads_s = _contiguous_strides(shape)
+    sums = _options.fold_split_sum and dbias_splits > 1
     scalars = (*q_s, *k_s, *v_s, *grads_s, *grads_s, *dout_s, *tiles_s, *mask_s,
-               *_contiguous_strides((B, H, R, L)), H, R, L, scale)
+               *_contiguous_strides((B, H, R, L)), H, R, L, scale, B * H * L * L if sums else 0,
+               dbias_splits if sums else 0)
     constants = dict(ROWS=cfg.rows, ROW_OFFSET_DTYPE=row_offset_dtype(L, D, q_s, dout_s),
                      SETTLE=_settle(dtype, device, cfg), **_prescaled(dict(common), cfg), **_tile_args(L, cfg, common),
-                     BIAS_PADDED=width != L, **_launch_options(cfg))
-    return KeyValueGradientPlan(cfg.key_major_bias, _launch_plan(grid, scalars, constants), width)
+                     BIAS_PADDED=width != L, SUM_SPLITS=sums, SUM_BLOCK=SUM_BLOCK, **_launch_options(cfg))
+    return KeyValueGradientPlan(cfg.key_major_bias, _launch_plan(grid, scalars, constants), width, sums, copy_s)
 
 
 def backward_constants(dtype: torch.dtype, device: torch.device, head_dim: int, has_mask: bool,
@@ -429,10 +452,10 @@ class BackwardPlan(NamedTuple):
 
 def _backward_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, has_mask, has_extents, dtype, device, scale):
     common = backward_constants(dtype, device, shape[-1], has_mask, scale, has_extents)
+    dbias = _dbias_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common)
+    dkdv = _dkdv_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common, dbias.splits)
     return BackwardPlan(
-        _dq_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, dtype, device, scale, common),
-        _dbias_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common),
-        _dkdv_plan(shape, q_s, k_s, v_s, dout_s, bias_s, mask_s, dtype, device, scale, common))
+        _dq_plan(shape, q_s, k_s, v_s, out_s, dout_s, bias_s, mask_s, dtype, device, scale, common, dkdv), dbias, dkdv)
 
 
 def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float, extents=None) -> tuple[torch.Tensor, ...]:
@@ -441,8 +464,9 @@ def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float, extents=N
 
     Three kernels and no atomics (see kernels/backward.py). dq runs first (it also writes delta); the
     other two run in the order that keeps the peak memory lower: the bias gradient first when it needs
-    fp32 partial sums over row splits (freed before dk and dv exist), otherwise dk/dv first (its
-    key-major copy of the bias is freed before the bias gradient exists).
+    fp32 partial sums over row splits (summed in a fixed order by a fourth kernel and freed before dk and dv
+    exist; with KernelOptions.fold_split_sum the dk/dv kernel sums them instead, and they live until it
+    ends), otherwise dk/dv first (its key-major copy of the bias is freed before the bias gradient exists).
     """
     B, H, R, L, D = q.shape
     if q.numel() == 0:  # no rows, no pairs or no batch: nothing to launch
@@ -456,43 +480,55 @@ def launch_backward(dout, q, k, v, bias, mask, out, lse, scale: float, extents=N
 
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    # dq, and delta = rowsum(dO · O) into delta for the two kernels that follow.
+    # dq, and delta = rowsum(dO · O) into delta for the two kernels that follow (and dk/dv's key-major copy of
+    # the bias into bias_copy, where the plan folds it into dq: KernelOptions.fold_bias_copy).
     dq_bias = bias
     if _options.pad_bias_tiles_backward:
         dq_bias = _pad_bias(bias, _backward_bias_width(L, launch_config("dq", L, D, q.dtype, device)))
-    _launch(attention_bwd_dq_kernel, plans.dq, (q, k, v, dq_bias, mask_t, extents_t, out, dout, lse, delta, dq))
+    bias_copy = None
+    if plans.dkdv.bias_copy_strides is not None:
+        width = plans.dkdv.bias_width
+        bias_copy = torch.empty_strided((B, H, width, width), plans.dkdv.bias_copy_strides, dtype=bias.dtype,
+                                        device=device)
+    _launch(attention_bwd_dq_kernel, plans.dq,
+            (q, k, v, dq_bias, mask_t, extents_t, out, dout, lse, delta, dq, dq if bias_copy is None else bias_copy))
     del dq_bias
     dbias_plan = plans.dbias
 
-    def bias_gradient():
+    def bias_partials():
         partial = torch.empty(dbias_plan.partial_shape, dtype=dbias_plan.partial_dtype, device=device)
         _launch(attention_bwd_dbias_kernel, dbias_plan.kernel,
                 (q, k, v, bias, mask_t, extents_t, dout, lse, delta, partial))
-        if dbias_plan.split_sum is None:
-            return partial[0]
-        # Fixed-order reduction over the splits: deterministic, unlike float atomics.
-        dbias = torch.empty((B, H, L, L), dtype=bias.dtype, device=device)
-        _launch(sum_row_splits_kernel, dbias_plan.split_sum, (partial, dbias))
-        return dbias
+        return partial
 
-    def key_and_value_gradients():
+    def key_and_value_gradients(partial=delta, dbias=delta):
+        """dk and dv; with the plan's sums_dbias_splits also dbias from the partial sums (else both unused)."""
         plan = plans.dkdv
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
         # The same bias values, strided key-major (a copy unless it already is, as for the ending node's
         # transposed view): this kernel's transposed tiles then load as contiguous vectors.
-        bias_tiles = _pad_bias(bias, plan.bias_width)
-        bias_tiles = bias_tiles.mT.contiguous().mT if plan.key_major_bias else bias_tiles
+        if bias_copy is not None:  # dq wrote it
+            bias_tiles = bias_copy
+        else:
+            bias_tiles = _pad_bias(bias, plan.bias_width)
+            bias_tiles = bias_tiles.mT.contiguous().mT if plan.key_major_bias else bias_tiles
         _launch(attention_bwd_dkdv_kernel, plan.kernel,
-                (q, k, v, bias_tiles, mask_t, extents_t, dout, lse, delta, dk, dv))
+                (q, k, v, bias_tiles, mask_t, extents_t, dout, lse, delta, dk, dv, partial, dbias))
         return dk, dv
 
-    if dbias_plan.split_sum is not None:
-        dbias = bias_gradient()  # fp32 partial sums over row splits: freed before dk and dv exist
+    if dbias_plan.splits == 1:
         dk, dv = key_and_value_gradients()
+        bias_copy = None  # freed (if dq wrote it) before the bias gradient exists
+        return dq, dk, dv, bias_partials()[0]  # the kernel wrote the gradient in bias's dtype
+    partial = bias_partials()  # fp32 partial sums over row splits
+    dbias = torch.empty((B, H, L, L), dtype=bias.dtype, device=device)
+    if plans.dkdv.sums_dbias_splits:
+        dk, dv = key_and_value_gradients(partial, dbias)
     else:
+        _launch(sum_row_splits_kernel, dbias_plan.split_sum, (partial, dbias))
+        del partial  # freed before dk and dv exist
         dk, dv = key_and_value_gradients()
-        dbias = bias_gradient()
     return dq, dk, dv, dbias
 
 

@@ -220,6 +220,53 @@ def test_dkdv_reading_a_key_major_copy_of_the_bias(monkeypatch, bias_view):
     assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float32)
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["sum_kernel", "folded"])
+def test_fold_split_sum_leaves_out_the_sum_kernel(monkeypatch, fold):
+    """KernelOptions.fold_split_sum: where the bias gradient is split over rows, dk/dv adds the partial sums up
+    and the backward launches three kernels instead of four; one split needs no sum either way. The gradients
+    equal the fp64 reference (bitwise equality with the sum kernel: tests/test_chunking.py's switch test)."""
+    launched = []
+    launch = ops._launch
+    monkeypatch.setattr(ops, "_launch", lambda kernel, *a: (launched.append(kernel.fn.__name__), launch(kernel, *a)))
+    q, k, v, bias, mask = make_inputs(1, 2, 7, 16, torch.float32, masked=True)
+    dout = torch.randn_like(q)
+    for splits in (3, 1):
+        launched.clear()
+        with ops.override(fold_split_sum=fold, dbias_splits=splits):
+            got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
+        summed = ["sum_row_splits_kernel"] if splits > 1 and not fold else []
+        assert sorted(launched) == sorted(["attention_fwd_kernel", "attention_bwd_dq_kernel",
+                                           "attention_bwd_dkdv_kernel", "attention_bwd_dbias_kernel", *summed])
+        assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float32)
+
+
+@pytest.mark.parametrize("bias_view", ["row_major", "transposed_view"])
+def test_fold_bias_copy_has_dq_write_the_copy_dkdv_reads(monkeypatch, bias_view):
+    """KernelOptions.fold_bias_copy: where dk/dv reads a key-major copy of the bias that has to be made, the dq
+    kernel writes it (its last tensor argument) and dk/dv reads that very tensor, key-major and equal to the
+    bias; a bias that already is key-major (the ending node's transposed view) is read as it is, no copy. The
+    gradients equal the fp64 reference (bitwise equality with the switch off: tests/test_chunking.py)."""
+    launched = {}
+    launch = ops._launch
+    monkeypatch.setattr(ops, "_launch", lambda kernel, plan, tensors: (
+        launched.setdefault(kernel.fn.__name__, tensors), launch(kernel, plan, tensors)))
+    cfg = ops.LaunchConfig(16, 16, 1, 2, key_major_bias=True)
+    q, k, v, bias, mask = make_inputs(1, 2, 7, 16, torch.float32, masked=True)
+    if bias_view == "transposed_view":
+        bias = bias.mT.contiguous().mT
+    dout = torch.randn_like(q)
+    with ops.override(configs={"dkdv": cfg}, fold_bias_copy=True):
+        got = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
+    assert_close_to_reference(got, reference_fp64(q, k, v, bias, dout, mask=mask), torch.float32)
+    dq_tensors, dkdv_bias = launched["attention_bwd_dq_kernel"], launched["attention_bwd_dkdv_kernel"][3]
+    assert dkdv_bias.stride()[-2:] == (1, 7) and torch.equal(dkdv_bias, bias)
+    if bias_view == "row_major":
+        assert dkdv_bias is dq_tensors[-1]
+    else:
+        assert dq_tensors[-1] is dq_tensors[-2]  # the unused argument gets dq itself
+        assert dkdv_bias.data_ptr() == dq_tensors[3].data_ptr()  # the bias dq read
+
+
 def test_traced_launches_of_register_capped_configs_run_serialized():
     """torch.compile's traced launches cannot carry maxnreg: a config that settles its accumulators under a
     register cap runs serialized there (same bits, fewer registers); eager launches keep both."""

@@ -51,17 +51,26 @@ def test_shipped_specs_are_valid():
     assert len(outputs) == len(set(outputs)), "two specs claim one output"
 
 
-def test_training_spec_expands_to_its_fifty_points():
+def test_training_spec_expands_to_its_sixty_five_points():
+    """50 points of the five providers (L x mode x provider) and 5 of each folded_* variant, whose forward is
+    the default's (they change the backward only)."""
     spec = load_spec(EXPERIMENTS / "training.yaml")
     pts = spec.points()
-    assert len(pts) == 5 * 2 * 5  # L x mode x provider
+    assert len(pts) == 5 * 2 * 5 + 3 * 5
     assert {p.L for p in pts} == {128, 256, 384, 512, 768} and {p.mode for p in pts} == {"fwd", "fwd_bwd"}
     assert {(p.B, p.H, p.D, p.dtype) for p in pts} == {(1, 4, 32, "bfloat16")}
-    assert spec.providers == ("flash_tt_attn", "flex", "cueq", "trifast", "sdpa")
+    assert spec.providers == ("flash_tt_attn", "flex", "cueq", "trifast", "sdpa", "folded_split_sum",
+                              "folded_bias_copy", "folded_launches")
+    folded = {(p.provider, p.mode, p.options) for p in pts if p.provider.startswith("folded_")}
+    assert folded == {(name, "fwd_bwd", options) for name, options in (
+        ("folded_split_sum", (("fold_split_sum", True),)), ("folded_bias_copy", (("fold_bias_copy", True),)),
+        ("folded_launches", (("fold_bias_copy", True), ("fold_split_sum", True))))}  # sorted by name
     assert set(spec.metrics) == {"latency", "host", "graph", "memory"}
-    speedups = {(t.metric, t.baselines) for t in spec.tables if t.kind == "speedup"}
-    assert {m for m, _ in speedups} == {"latency", "host", "graph"}
-    assert all({"flex", "cueq", "trifast"} <= set(b) for _, b in speedups)
+    speedups = {(t.metric, t.target, t.baselines) for t in spec.tables if t.kind == "speedup"}
+    assert {m for m, _, _ in speedups} == {"latency", "host", "graph"}
+    assert all({"flex", "cueq", "trifast"} <= set(b) for _, target, b in speedups if target == "flash_tt_attn")
+    assert {(m, b) for m, target, b in speedups if target == "folded_launches"} == {
+        (m, ("flash_tt_attn", "folded_split_sum", "folded_bias_copy")) for m in ("latency", "host", "graph")}
     assert {(f.metric, f.where["mode"]) for f in spec.figures} >= {
         (m, mode) for m in ("latency", "graph") for mode in ("fwd", "fwd_bwd")}
 

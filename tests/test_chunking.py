@@ -310,25 +310,38 @@ def _outputs_and_gradients(ins, dout, call):
     ({"end_tile_select": True}, 1), ({"end_tile_select": True}, 2), ({"end_tile_select": True}, 4),
     ({"pad_bias_tiles": True}, 2), ({"end_tile_select": True, "pad_bias_tiles": True}, 4),
     ({"pad_bias_tiles_backward": True}, 1), ({"pad_bias_tiles_backward": True, "pad_bias_tiles": True}, 2),
+    ({"fold_split_sum": True}, 1), ({"fold_bias_copy": True}, 2),
+    ({"fold_split_sum": True, "fold_bias_copy": True, "pad_bias_tiles_backward": True}, 2),
 ], ids=["end_tile-rows1", "end_tile-rows2", "end_tile-rows4", "pad_bias-rows2", "both-rows4",
-        "pad_bias_backward-rows1", "pad_bias_both-rows2"])
+        "pad_bias_backward-rows1", "pad_bias_both-rows2", "fold_sum-rows1", "fold_copy-rows2", "folds_pad_bias-rows2"])
 def test_kernel_switches_give_the_same_bits_as_without(switches, rows):
     """KernelOptions.end_tile_select (the forward's select only in the key tile holding the end; off by
     default), pad_bias_tiles (the forward reads a zero-padded copy of the bias, whole tiles, unmasked; on by
-    default since v27) and pad_bias_tiles_backward (dq and dk/dv read such a copy; off), PERF.md after v25 and
-    v27: turned on, each gives bitwise the forward, its lse and the gradients of all three off, on a masked
+    default since v27), pad_bias_tiles_backward (dq and dk/dv read such a copy; off), fold_split_sum (dk/dv
+    sums the bias gradient's 8 row splits here; off) and fold_bias_copy (dq writes dk/dv's key-major copy of the
+    bias; off), PERF.md after v25, v27, v28 and v29: turned on, each gives bitwise the forward, its lse and the
+    gradients of all five off, on a masked
     path (L = 19 on tiles of 16, with and without a padded tail) and on tiles that divide L (L = 64 on 32) with
-    tails inside and on a tile's edge."""
+    tails inside and on a tile's edge. The last case gives the bias as the block's projection lays it out before
+    any copy, heads innermost ((B, L, L, H) permuted): a padded copy must not inherit that layout unnoticed;
+    dk/dv read the key-major copy of the (padded) bias where rows is even."""
     gen = torch.Generator().manual_seed(rows)
-    for L, tile, lengths in ((19, 16, None), (19, 16, [19, 7, 0, 16]), (64, 32, [40, 33, 64, 0])):
-        q, k, v = (torch.randn(4, 1, L, L, 16, generator=gen) for _ in range(3))
-        bias, dout = torch.randn(4, 1, L, L, generator=gen), torch.randn(4, 1, L, L, 16, generator=gen)
+    cases = [(19, 16, None, 1), (19, 16, [19, 7, 0, 16], 1), (64, 32, [40, 33, 64, 0], 1)]
+    if any(name.startswith(("pad_bias", "fold_bias")) for name in switches):  # the layout matters to the copies
+        cases.append((19, 16, [19, 7, 0, 16], 2))
+    for L, tile, lengths, H in cases:
+        q, k, v = (torch.randn(4, H, L, L, 16, generator=gen) for _ in range(3))
+        bias = torch.randn(4, L, L, H, generator=gen).permute(0, 3, 1, 2) if H > 1 else \
+            torch.randn(4, H, L, L, generator=gen)
+        dout = torch.randn(4, H, L, L, 16, generator=gen)
         kw = {} if lengths is None else {"lengths": torch.tensor(lengths)}
 
         def call(*ins, kw=kw):
             return fta.attention(*ins, **kw)
 
-        configs = {kernel: ops.LaunchConfig(tile, tile, 1, 1, rows=min(rows, 2) if kernel != "forward" else rows)
+        # dk/dv on the key-major copy of the bias with even rows (as the GPU configs run it), on the bias with odd.
+        configs = {kernel: ops.LaunchConfig(tile, tile, 1, 1, rows=min(rows, 2) if kernel != "forward" else rows,
+                                            key_major_bias=kernel == "dkdv" and rows % 2 == 0)
                    for kernel in ("forward", "dq", "dkdv")}
         extents = None if lengths is None else api.padded_extents(torch.tensor(lengths), L)
         with ops.override(configs=configs, end_tile_select=False, pad_bias_tiles=False,
@@ -339,7 +352,7 @@ def test_kernel_switches_give_the_same_bits_as_without(switches, rows):
                 got = _outputs_and_gradients([q, k, v, bias], dout, call)
                 got += ops.launch_forward(q, k, v, bias, None, 0.25, extents)
         for a, b in zip(got, want, strict=True):
-            assert torch.equal(a, b), (L, lengths)
+            assert torch.equal(a, b), (L, lengths, bias.stride())
 
 
 # Tiles of 16 with L = 19: a padded tail that ends inside a tile (6, 0) and one that covers whole tiles (6),

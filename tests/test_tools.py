@@ -78,6 +78,24 @@ def test_offline_compile_at_an_odd_length_the_backward_reads_whole_vectors_only_
     assert narrow["padded", "forward"] == narrow["padded", "dq"] == narrow["padded", "dkdv"] == 0, padded.stdout
 
 
+def test_offline_compile_the_folded_launches_cost_dq_and_dkdv_no_occupancy():
+    """KernelOptions.fold_split_sum and fold_bias_copy (v29) put a split sum into dk/dv and a bias copy into dq, each
+    a loop before the kernel's own work: compiled for sm_90 they spill no more and hold as many programs per SM as
+    the kernels without them (Triton 3.6: dq 126 registers, dk/dv 168 at its cap, no spill, either way)."""
+    usage = {}
+    for folded, flags in ((False, ()), (True, ("--fold-split-sum", "--fold-bias-copy"))):
+        result = _run("offline_compile.py", *flags, "--kernel", "dq", "--kernel", "dkdv")
+        assert result.returncode == 0, result.stdout + result.stderr
+        for line in result.stdout.splitlines():
+            found = re.search(r", (\d+) bytes spilled, (\d+) programs per SM", line)
+            assert found, line
+            usage[folded, line.split(":")[0]] = tuple(map(int, found.groups()))
+    assert set(usage) == {(folded, kernel) for folded in (False, True) for kernel in ("dq", "dkdv")}
+    for kernel in ("dq", "dkdv"):
+        (spilled, programs), (spilled_folded, programs_folded) = usage[False, kernel], usage[True, kernel]
+        assert spilled_folded <= spilled and programs_folded == programs, (kernel, usage)
+
+
 def test_offline_compile_reports_registers_and_the_padded_forward_keeps_three_programs_per_sm(monkeypatch):
     """The forward's register cap (v25) keeps its padded-tail code at three programs per SM: uncapped it takes
     186 registers (Triton 3.6), two programs. The script compiles the shipped caps (tuning.TABLE's)."""

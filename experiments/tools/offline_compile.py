@@ -8,7 +8,8 @@ with the GPU's Triton version (3.6) will do. With --warp-specialize every main l
 ``tl.range(..., warp_specialize=True)`` (Triton's automatic warp specialization) in a patched copy of the
 kernels; docs/performance.md records that Triton 3.6 fails on all four kernels then.
 
-Usage: python experiments/tools/offline_compile.py [--warp-specialize] [--padded-tail] [--length L] [--kernel NAME ...]
+Usage: python experiments/tools/offline_compile.py [--warp-specialize] [--padded-tail] [--length L] [--fold-split-sum]
+[--fold-bias-copy] [--kernel NAME ...]
 (--help lists the rest)
 """
 
@@ -38,6 +39,8 @@ B, H, L, D = 4, 8, 512, 32  # the shipped D = 32 configs: 64×64 tiles, 4 warps,
 #: The shipped D = 32 configs' register caps (flash_tt_attn/tuning.py; tests/test_tools.py keeps them equal).
 MAX_REGISTERS = {"forward": 168, "dq": None, "dkdv": 168, "dbias": None}
 NUM_WARPS = 4
+#: The bias gradient's row splits that --fold-split-sum has dk/dv add up (as at B=1 H=4 L=768 D=32, the least).
+FOLDED_SPLITS = 2
 #: An H100 SM: 65,536 registers (allocated per warp in units of 8 per thread) and 228 KiB of shared memory,
 #: of which each resident program takes 1 KiB more than it asks for.
 SM_REGISTERS, SM_SHARED_MEMORY, PROGRAM_RESERVED_SHARED = 65536, 228 * 1024, 1024
@@ -57,14 +60,18 @@ def load_kernels(directory):
     return modules
 
 
-def integer_args(L=L, key_major_bias=False, bias_width=None):
+def integer_args(L=L, key_major_bias=False, bias_width=None, dbias_splits=0, bias_copy=False):
     """Every integer argument's value for contiguous (B, H, L, L, D) tensors; strides of 1 become constexprs
     and multiples of 16 get the divisibility hint, as Triton's JIT does. With key_major_bias the bias has the
     strides of the key-major copy that ops.launch_backward makes for configs with LaunchConfig.key_major_bias
     (the shipped D=32 dk/dv): bias[j, k] at k·width + j. bias_width: the width of the zero-padded copy of the
-    bias the kernel reads (ops._padded_bias_width), L when it reads the bias itself."""
+    bias the kernel reads (ops._padded_bias_width), L when it reads the bias itself. dbias_splits: the row splits
+    dk/dv sums the bias gradient over (KernelOptions.fold_split_sum), 0 where it does not (as ops passes).
+    bias_copy: dq writes dk/dv's key-major copy of the bias (KernelOptions.fold_bias_copy); its strides and
+    width are 0 where it does not, as ops passes them."""
     width = bias_width or L
-    values = dict(H=H, R=L, L=L, rows_per_split=L, stride_mb=0, stride_mi=0, stride_mk=0)
+    values = dict(H=H, R=L, L=L, rows_per_split=L, stride_mb=0, stride_mi=0, stride_mk=0,
+                  dbias_elements=B * H * L * L if dbias_splits else 0, dbias_splits=dbias_splits)
     five = (H * L * L * D, L * L * D, L * D, D, 1)
     for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
         for suffix, stride in zip(("b", "h", "i", "j" if t in ("q", "o", "do", "dq") else "k", "d"), five, strict=True):
@@ -76,13 +83,18 @@ def integer_args(L=L, key_major_bias=False, bias_width=None):
         values["stride_bj"], values["stride_bk"] = 1, width
     for n, stride in zip("sbhjk", (B * H * L * L, H * L * L, L * L, L, 1), strict=True):
         values[f"stride_p{n}"] = stride
+    copy_strides = (H * width * width, width * width, 1, width) if bias_copy else (0, 0, 0, 0)
+    for n, stride in zip("bhjk", copy_strides, strict=True):
+        values[f"stride_c{n}"] = stride
+    values["copy_width"] = width if bias_copy else 0
     return values
 
 
 def compile_one(fn, constexprs, key_major_bias=False, max_registers=None, length=L):
-    pointers = dict(MASK="*u8", EXTENTS="*i32", LSE="*fp32", DELTA="*fp32")
+    pointers = dict(MASK="*u8", EXTENTS="*i32", LSE="*fp32", DELTA="*fp32", DBIAS_PARTIAL="*fp32")
     tile = constexprs["BLOCK_K"]
-    ints = integer_args(length, key_major_bias, -(-length // tile) * tile if constexprs.get("BIAS_PADDED") else None)
+    ints = integer_args(length, key_major_bias, -(-length // tile) * tile if constexprs.get("BIAS_PADDED") else None,
+                        FOLDED_SPLITS if constexprs.get("SUM_SPLITS") else 0, bool(constexprs.get("COPY_BIAS")))
     signature, attrs, constants = {}, {}, dict(constexprs)
     for index, name in enumerate(fn.arg_names):
         if name in constants:
@@ -150,6 +162,12 @@ def main(argv=None):
     ap.add_argument("--padded-bias-backward", action="store_true",
                     help="with bounds masks on, dq and dk/dv read a whole-tile copy of the bias unmasked "
                          "(KernelOptions.pad_bias_tiles_backward, off by default); otherwise masked")
+    ap.add_argument("--fold-split-sum", action="store_true",
+                    help="compile dk/dv with the bias gradient's split sum folded in (KernelOptions.fold_split_sum, "
+                         "off by default)")
+    ap.add_argument("--fold-bias-copy", action="store_true",
+                    help="compile dq writing dk/dv's key-major copy of the bias (KernelOptions.fold_bias_copy, off "
+                         "by default)")
     ap.add_argument("--length", type=int, default=L,
                     help=f"the sequence length L the integer arguments describe (default {L}); at an L the 64-wide "
                          "tiles do not divide, the bounds masks are on, as with --padded-tail")
@@ -178,10 +196,11 @@ def main(argv=None):
                              BIAS_PADDED=masked and not args.unpadded_bias)),
             "dq": (kernels["backward"].attention_bwd_dq_kernel,
                    dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True,
-                        BIAS_PADDED=masked and args.padded_bias_backward)),
+                        BIAS_PADDED=masked and args.padded_bias_backward, COPY_BIAS=args.fold_bias_copy)),
             "dkdv": (kernels["backward"].attention_bwd_dkdv_kernel,
                      dict(ROWS=1, ROW_OFFSET_DTYPE=tl.int32, SETTLE=True,
-                          BIAS_PADDED=masked and args.padded_bias_backward)),
+                          BIAS_PADDED=masked and args.padded_bias_backward, SUM_SPLITS=args.fold_split_sum,
+                          SUM_BLOCK=1024)),  # ops.SUM_BLOCK
             "dbias": (kernels["backward"].attention_bwd_dbias_kernel, dict(UNSCALED_SCORES=True)),
         }
         for name, (fn, extra) in cases.items():

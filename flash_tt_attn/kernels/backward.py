@@ -3,7 +3,8 @@ log-sum-exp, never stored. Three kernels, none with atomics, so every gradient i
 bitwise reproducible:
 
 * ``attention_bwd_dq_kernel``: program per (query block j, ROWS rows i); loops over
-  keys; writes dq and delta = rowsum(dO · O) (used by the two kernels that follow).
+  keys; writes dq and delta = rowsum(dO · O) (used by the two kernels that follow), and
+  with ``COPY_BIAS`` the key-major copy of the bias that dk/dv reads (one launch fewer).
 * ``attention_bwd_dkdv_kernel``: program per (key block k, ROWS rows i); loops over
   queries; writes dk and dv.
 
@@ -12,7 +13,8 @@ bitwise reproducible:
 * ``attention_bwd_dbias_kernel``: program per ((query block j, key block k), split of
   rows i); loops over its rows with the bias tile and the dbias accumulator held in
   registers; writes one partial sum per split, which ``sum_row_splits_kernel`` adds
-  up in a fixed order when there is more than one split.
+  up in a fixed order when there is more than one split (or, with ``SUM_SPLITS``, the
+  dk/dv kernel's programs after their own work: one launch fewer, the same sums).
 
 Conventions shared with the forward: the scale goes into one operand once, in its own
 dtype (q in dq, the loop-invariant k block in dk/dv, whose dk takes the scale at the
@@ -85,8 +87,27 @@ def _dq_row_step(q, do, lse, delta, k_ptrs, vt_ptrs, mask_ptrs, bias, dq, k_in, 
 
 
 @triton.jit
+def _copy_bias_tile(BIAS, COPY, tile, tiles_j, tiles_k, H, width, stride_bb, stride_bh, stride_bj, stride_bk,
+                    stride_cb, stride_ch, stride_cj, stride_ck, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_J, BLOCK_K) tile of the (B, H, width, width) bias into COPY (another layout, the same values);
+    tiles are numbered over (b·H + h, j block, k block)."""
+    bh = tile // (tiles_j * tiles_k)
+    j_block = tile % (tiles_j * tiles_k) // tiles_k
+    k_block = tile % tiles_k
+    b = tl.cast(bh // H, tl.int64)
+    h = tl.cast(bh % H, tl.int64)
+    offs_j = j_block * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
+    inside = (offs_j < width)[:, None] & (offs_k < width)[None, :]
+    offs_j64 = offs_j[:, None].to(tl.int64)
+    offs_k64 = offs_k[None, :].to(tl.int64)
+    values = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_j64 * stride_bj + offs_k64 * stride_bk, mask=inside)
+    tl.store(COPY + b * stride_cb + h * stride_ch + offs_j64 * stride_cj + offs_k64 * stride_ck, values, mask=inside)
+
+
+@triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, BIAS, MASK, EXTENTS, OUT, DOUT, LSE, DELTA, DQ,
+    Q, K, V, BIAS, MASK, EXTENTS, OUT, DOUT, LSE, DELTA, DQ, BIAS_COPY,
     stride_qb, stride_qh, stride_qi, stride_qj, stride_qd,
     stride_dqb, stride_dqh, stride_dqi, stride_dqj, stride_dqd,
     stride_kb, stride_kh, stride_ki, stride_kk, stride_kd,
@@ -96,7 +117,8 @@ def attention_bwd_dq_kernel(
     stride_bb, stride_bh, stride_bj, stride_bk,
     stride_mb, stride_mi, stride_mk,
     stride_lb, stride_lh, stride_li, stride_lj,
-    H, R, L, scale,
+    stride_cb, stride_ch, stride_cj, stride_ck,
+    H, R, L, scale, copy_width,
     HAS_MASK: tl.constexpr,
     HAS_EXTENTS: tl.constexpr,
     EVEN_L: tl.constexpr,
@@ -112,7 +134,21 @@ def attention_bwd_dq_kernel(
     ROW_OFFSET_DTYPE: tl.constexpr,
     SETTLE: tl.constexpr,
     BIAS_PADDED: tl.constexpr,
+    COPY_BIAS: tl.constexpr,
 ):
+    if COPY_BIAS:
+        # dk/dv's key-major copy of the bias this kernel reads (KernelOptions.fold_bias_copy), first, while few
+        # registers are live: the programs share its tiles out round-robin, whatever tiles their own loops
+        # skip (a padded tail, a mask), and dk/dv runs after this kernel on the stream.
+        program = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        copy_tiles_j = tl.cdiv(copy_width, BLOCK_J)
+        copy_tiles_k = tl.cdiv(copy_width, BLOCK_K)
+        for tile in tl.range(program, tl.num_programs(2) * copy_tiles_j * copy_tiles_k, programs):
+            _copy_bias_tile(BIAS, BIAS_COPY, tile, copy_tiles_j, copy_tiles_k, H, copy_width,
+                            stride_bb, stride_bh, stride_bj, stride_bk, stride_cb, stride_ch, stride_cj, stride_ck,
+                            BLOCK_J, BLOCK_K)
+
     j_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
     bh = tl.program_id(2)
@@ -236,7 +272,7 @@ def _dkdv_row_start(k_ptrs, v_ptrs, mask_ptrs, k_in, scale, LOAD_MASKED: tl.cons
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, BIAS, MASK, EXTENTS, DOUT, LSE, DELTA, DK, DV,
+    Q, K, V, BIAS, MASK, EXTENTS, DOUT, LSE, DELTA, DK, DV, DBIAS_PARTIAL, DBIAS,
     stride_qb, stride_qh, stride_qi, stride_qj, stride_qd,
     stride_kb, stride_kh, stride_ki, stride_kk, stride_kd,
     stride_vb, stride_vh, stride_vi, stride_vk, stride_vd,
@@ -246,7 +282,7 @@ def attention_bwd_dkdv_kernel(
     stride_bb, stride_bh, stride_bj, stride_bk,
     stride_mb, stride_mi, stride_mk,
     stride_lb, stride_lh, stride_li, stride_lj,
-    H, R, L, scale,
+    H, R, L, scale, dbias_elements, dbias_splits,
     HAS_MASK: tl.constexpr,
     HAS_EXTENTS: tl.constexpr,
     EVEN_L: tl.constexpr,
@@ -262,7 +298,18 @@ def attention_bwd_dkdv_kernel(
     ROW_OFFSET_DTYPE: tl.constexpr,
     SETTLE: tl.constexpr,
     BIAS_PADDED: tl.constexpr,
+    SUM_SPLITS: tl.constexpr,
+    SUM_BLOCK: tl.constexpr,
 ):
+    if SUM_SPLITS:
+        # The bias gradient's split sum, folded in (KernelOptions.fold_split_sum), first, while few registers are
+        # live: the dbias kernel ran before this one on the stream, and the programs share its blocks out
+        # round-robin, so every element still gets sum_row_splits_kernel's fixed-order sum.
+        program = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        for block in tl.range(program, tl.cdiv(dbias_elements, SUM_BLOCK), programs):
+            _sum_row_splits_block(DBIAS_PARTIAL, DBIAS, block, dbias_elements, dbias_splits, ACC_DTYPE, SUM_BLOCK)
+
     k_block = tl.program_id(0)
     row0 = tl.program_id(1).to(tl.int64) * ROWS
     bh = tl.program_id(2)
@@ -456,12 +503,18 @@ def attention_bwd_dbias_kernel(
 
 
 @triton.jit
-def sum_row_splits_kernel(PARTIAL, DBIAS, n_elements, splits, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """dbias = Σ_s partial[s] in a fixed order (s = 0, 1, …), written in dbias's dtype: one pass over the
-    contiguous partial sums instead of a sum and a cast."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _sum_row_splits_block(PARTIAL, DBIAS, block, n_elements, splits, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """dbias = Σ_s partial[s] in a fixed order (s = 0, 1, …) over one block of BLOCK elements, written in dbias's
+    dtype: one pass over the contiguous partial sums instead of a sum and a cast."""
+    offs = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < n_elements
     acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     for s in range(0, splits):
         acc += tl.load(PARTIAL + s * n_elements + offs, mask=in_range, other=0.0).to(ACC_DTYPE)
     tl.store(DBIAS + offs, acc.to(DBIAS.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
+def sum_row_splits_kernel(PARTIAL, DBIAS, n_elements, splits, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The bias gradient's split sum: a program per block of BLOCK elements (:func:`_sum_row_splits_block`)."""
+    _sum_row_splits_block(PARTIAL, DBIAS, tl.program_id(0), n_elements, splits, ACC_DTYPE, BLOCK)
