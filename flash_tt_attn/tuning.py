@@ -87,7 +87,7 @@ class KernelOptions:
     pad_bias_tiles_backward: the same for dq and dk/dv (dk/dv's key-major copy is then made from the padded
     bias): their bias tiles load unmasked (off until measured; PERF.md after v27).
     fold_split_sum: where the bias gradient is summed over row splits, the dk/dv kernel's programs add the
-    partial sums up after their own work (the same fixed order, the same bits) instead of a fourth kernel: one
+    partial sums up before their own work (the same fixed order, the same bits) instead of a fourth kernel: one
     launch fewer per backward; the fp32 partial sums then live until dk/dv ends (off until measured; PERF.md
     v29).
     fold_bias_copy: where dk/dv reads a key-major copy of the bias (``LaunchConfig.key_major_bias``) that has to

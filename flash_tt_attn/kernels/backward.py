@@ -14,7 +14,7 @@ bitwise reproducible:
   rows i); loops over its rows with the bias tile and the dbias accumulator held in
   registers; writes one partial sum per split, which ``sum_row_splits_kernel`` adds
   up in a fixed order when there is more than one split (or, with ``SUM_SPLITS``, the
-  dk/dv kernel's programs after their own work: one launch fewer, the same sums).
+  dk/dv kernel's programs before their own work: one launch fewer, the same sums).
 
 Conventions shared with the forward: the scale goes into one operand once, in its own
 dtype (q in dq, the loop-invariant k block in dk/dv, whose dk takes the scale at the
