@@ -87,6 +87,13 @@ def _dq_row_step(q, do, lse, delta, k_ptrs, vt_ptrs, mask_ptrs, bias, dq, k_in, 
 
 
 @triton.jit
+def _flat_program():
+    """This program's index over the whole 3-D grid, and the grid's size: for work shared out round-robin."""
+    program = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+    return program, tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+
+
+@triton.jit
 def _copy_bias_tile(BIAS, COPY, tile, tiles_j, tiles_k, H, width, stride_bb, stride_bh, stride_bj, stride_bk,
                     stride_cb, stride_ch, stride_cj, stride_ck, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """One (BLOCK_J, BLOCK_K) tile of the (B, H, width, width) bias into COPY (another layout, the same values);
@@ -140,8 +147,7 @@ def attention_bwd_dq_kernel(
         # dk/dv's key-major copy of the bias this kernel reads (KernelOptions.fold_bias_copy), first, while few
         # registers are live: the programs share its tiles out round-robin, whatever tiles their own loops
         # skip (a padded tail, a mask), and dk/dv runs after this kernel on the stream.
-        program = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
-        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        program, programs = _flat_program()
         copy_tiles_j = tl.cdiv(copy_width, BLOCK_J)
         copy_tiles_k = tl.cdiv(copy_width, BLOCK_K)
         for tile in tl.range(program, tl.num_programs(2) * copy_tiles_j * copy_tiles_k, programs):
@@ -305,8 +311,7 @@ def attention_bwd_dkdv_kernel(
         # The bias gradient's split sum, folded in (KernelOptions.fold_split_sum), first, while few registers are
         # live: the dbias kernel ran before this one on the stream, and the programs share its blocks out
         # round-robin, so every element still gets sum_row_splits_kernel's fixed-order sum.
-        program = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
-        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        program, programs = _flat_program()
         for block in tl.range(program, tl.cdiv(dbias_elements, SUM_BLOCK), programs):
             _sum_row_splits_block(DBIAS_PARTIAL, DBIAS, block, dbias_elements, dbias_splits, ACC_DTYPE, SUM_BLOCK)
 
