@@ -176,3 +176,35 @@ def test_compile_reduce_overhead_gives_the_eager_bits():
     want = forward_and_grads(attention, q, k, v, bias, dout, mask=mask)
     for name, g, w in zip(("out", "dq", "dk", "dv", "dbias"), got, want, strict=True):
         assert torch.equal(g, w), name
+
+
+@pytest.mark.parametrize("switches", [
+    {"fold_split_sum": True}, {"fold_bias_copy": True}, {"fold_split_sum": True, "fold_bias_copy": True},
+    {"pad_bias_tiles_backward": True},
+], ids=["fold_split_sum", "fold_bias_copy", "folds", "pad_bias_tiles_backward"])
+def test_backward_switches_give_the_same_bits_on_the_gpu(switches):
+    """KernelOptions' backward switches (v28, v29) with the GPU's own configs, at the training shapes (B=1, H=4,
+    D=32, bf16, where the bias gradient is split over rows and dk/dv reads a key-major bias copy): L = 256 with a
+    mask, L = 200 with a padded tail and the block's heads-innermost bias, L = 1000 (tiles do not divide it, so
+    pad_bias_tiles_backward pads the bias) eager and under torch.compile(fullgraph=True). Turned on, each gives
+    the forward and all four gradients bitwise as with every backward switch off."""
+    off = {"fold_split_sum": False, "fold_bias_copy": False, "pad_bias_tiles_backward": False}
+    for L, masked, lengths, heads_innermost in [(256, True, None, False), (200, False, [150], True),
+                                                (1000, False, None, False)]:
+        q, k, v, bias, mask = _inputs(1, 4, L, 32, torch.bfloat16, masked)
+        if heads_innermost:  # the layout the block's bias projection gives before any copy
+            bias = bias.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        dout = torch.randn_like(q)
+        kw = {"mask": mask} if lengths is None else {"lengths": torch.tensor(lengths, device="cuda")}
+        with ops.override(**off):
+            want = forward_and_grads(attention, q, k, v, bias, dout, **kw)
+            with ops.override(**switches):
+                got = forward_and_grads(attention, q, k, v, bias, dout, **kw)
+                if L == 1000:
+                    torch._dynamo.reset()  # trace under these switches, not from a cached graph of other tests
+                    compiled = forward_and_grads(torch.compile(attention, fullgraph=True), q, k, v, bias, dout, **kw)
+                else:
+                    compiled = got
+        for name, g, c, w in zip(("out", "dq", "dk", "dv", "dbias"), got, compiled, want, strict=True):
+            assert torch.equal(g, w), (L, name)
+            assert torch.equal(c, w), (L, "compiled", name)
