@@ -13,6 +13,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from flash_tt_attn.bench import measure, providers  # noqa: E402
+from flash_tt_attn.bench.__main__ import main as bench_main  # noqa: E402
 from flash_tt_attn.bench.logs import newest, read_rows  # noqa: E402
 from flash_tt_attn.bench.runner import run_specs  # noqa: E402
 from flash_tt_attn.bench.spec import load_spec, row_key  # noqa: E402
@@ -182,6 +183,36 @@ def test_dry_run_lists_points_and_measures_nothing(tmp_path, capsys):
     run(specs, logs, "tiny")
     run(specs, logs, "tiny", dry_run=True)
     assert capsys.readouterr().out.count("\tdone") == 2
+
+
+def test_only_measures_the_matching_points_and_a_later_run_the_rest(tmp_path, capsys):
+    specs, logs = make_spec(tmp_path, L=(4, 8, 12), modes=("fwd", "fwd_bwd"))
+    run(specs, logs, "tiny", dry_run=True, only=["L=4,12", "mode=fwd"])
+    listed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert len(listed) == 2 and all("-fwd" in line and "-fwd_bwd" not in line for line in listed)
+    assert run(specs, logs, "tiny", only=["L=4,12", "mode=fwd"]) == 2
+    assert sorted((r["L"], r["mode"]) for r in read_rows(log_of(logs))) == [(4, "fwd"), (12, "fwd")]
+    assert run(specs, logs, "tiny", only=["L=4"]) == 1  # L=4 fwd_bwd: the one matching point not yet done
+    assert run(specs, logs, "tiny") == 3  # the rest, each point once
+    assert_each_point_once(specs, logs)
+
+
+@pytest.mark.parametrize("only, match", [
+    (["L"], "expected FIELD=VALUE"), (["L="], "expected FIELD=VALUE"),
+    (["size=4"], "FIELD one of op, provider, B, H, L"), (["L=5"], "no point of spec 'tiny' matches"),
+])
+def test_only_rejects_unknown_fields_and_filters_that_match_nothing(tmp_path, only, match):
+    specs, logs = make_spec(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        run(specs, logs, "tiny", only=only)
+    assert not log_of(logs).exists()
+
+
+def test_cli_only_error_is_one_line_and_exit_code_2(tmp_path, capsys):
+    specs, logs = make_spec(tmp_path)
+    assert bench_main(["run", "tiny", "--specs", str(specs), "--logs", str(logs), "--device", "cpu",
+                       "--only", "size=4"]) == 2
+    assert capsys.readouterr().err.startswith("error: --only 'size=4'")
 
 
 def test_failing_provider_is_an_error_row_and_the_sweep_goes_on(tmp_path, monkeypatch):

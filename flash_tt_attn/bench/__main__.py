@@ -2,6 +2,7 @@
 
     python -m flash_tt_attn.bench run seed-fwd alphafold        # spec ids or paths; resumes
     python -m flash_tt_attn.bench run smoke --dry-run            # list points, todo / done
+    python -m flash_tt_attn.bench run long-inference --only B=2   # only the points with B = 2
     python -m flash_tt_attn.bench figures                        # logs -> paper_figures/
     python -m flash_tt_attn.bench validate                       # check every experiments/*.yaml
     python -m flash_tt_attn.bench checks passed gpu_tests        # did this suite pass at this commit here?
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="list the points (todo/done); measure nothing")
     run.add_argument("--force", action="store_true", help="measure every point again (rows are appended)")
     run.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
+    run.add_argument("--only", action="append", metavar="FIELD=VALUE[,VALUE...]",
+                     help="measure only the points whose FIELD is one of the VALUEs (repeatable: all must match), "
+                          "e.g. --only B=2 --only L=1024,2048")
 
     fig = sub.add_parser("figures", parents=[common], help="regenerate tables, figures and their README from the logs")
     fig.add_argument("--out", default="paper_figures", help="output folder (default: paper_figures)")
@@ -54,7 +58,11 @@ def main(argv=None) -> int:
         if args.command == "run":
             from .runner import run_specs  # noqa: PLC0415
 
-            run_specs(args.spec, args.specs, args.logs, args.device, args.force, args.dry_run)
+            try:
+                run_specs(args.spec, args.specs, args.logs, args.device, args.force, args.dry_run, only=args.only)
+            except ValueError as e:  # a bad --only
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         elif args.command == "figures":
             from .build import build  # noqa: PLC0415
 

@@ -7,7 +7,9 @@ for the current one: a rerun after a commit reproduces every point), with status
 to a spec measures its points again; the newest row wins). Points whose
 rows say ``error`` are measured again on every run (errors are usually bugs that get fixed; the newest
 row wins in the figures). ``--force`` measures every point again (new rows are appended; nothing is
-ever deleted but a torn last line).
+ever deleted but a torn last line). ``--only FIELD=VALUE[,VALUE...]`` (repeatable) measures only the points
+whose fields match every such filter, e.g. ``--only B=2`` for one sweep of a spec; a later run without it
+measures the rest (the resume rule is the same).
 
 Each point ends as one row: ``ok``; ``oom`` (``torch.cuda.OutOfMemoryError``: memory is freed and the
 sweep goes on); ``unsupported`` (provider missing here, e.g. trifast not installed or no CUDA);
@@ -16,6 +18,7 @@ sweep goes on); ``unsupported`` (provider missing here, e.g. trifast not install
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import sys
@@ -117,11 +120,35 @@ def todo_points(spec: Spec, path: Path, force: bool = False,
     return [p for p in pts if p.key() not in done_keys], [p for p in pts if p.key() in done_keys]
 
 
+def parse_only(filters) -> dict[str, set[str]]:
+    """``["B=2", "L=1024,2048"]`` -> ``{"B": {"2"}, "L": {"1024", "2048"}}`` (--only); a field a point does not
+    have, or a filter without ``=`` or values, is a ValueError naming the fields there are."""
+    fields = [f.name for f in dataclasses.fields(Point) if f.name not in ("spec", "options")]
+    only: dict[str, set[str]] = {}
+    for text in filters or ():
+        name, sep, values = text.partition("=")
+        name = name.strip()
+        if not sep or not values.strip() or name not in fields:
+            raise ValueError(f"--only {text!r}: expected FIELD=VALUE[,VALUE...] with FIELD one of {', '.join(fields)}")
+        only.setdefault(name, set()).update(v.strip() for v in values.split(","))
+    return only
+
+
+def _matches(point: Point, only: dict[str, set[str]]) -> bool:
+    return all(str(getattr(point, name)) in values for name, values in only.items())
+
+
 def run_specs(names, specs_dir="experiments", logs_dir="experiments/logs", device=None, force=False,
-              dry_run=False, out=None) -> int:
+              dry_run=False, out=None, only=None) -> int:
     """Validate every named spec, then measure each one's missing points; return the number of
-    points measured. With ``dry_run`` only list the points (``todo``/``done``) and measure nothing."""
+    points measured. With ``dry_run`` only list the points (``todo``/``done``) and measure nothing.
+    ``only`` (:func:`parse_only`'s dict, or its list of ``FIELD=VALUES`` strings) keeps the points that
+    match every filter; a filter that matches none of a spec's points is an error before anything runs."""
     specs = [load_spec(resolve_spec(n, specs_dir)) for n in names]  # all validated before anything runs
+    only = parse_only(only) if isinstance(only, (list, tuple)) else (only or {})
+    for spec in specs:
+        if only and not any(_matches(p, only) for p in spec.points()):
+            raise ValueError(f"--only {only}: no point of spec {spec.id!r} matches")
     out = sys.stdout if out is None else out
     device = pick_device(device)
     env = environment(device)
@@ -132,11 +159,14 @@ def run_specs(names, specs_dir="experiments", logs_dir="experiments/logs", devic
         if not dry_run:
             repair_tail(path)
         todo, done = todo_points(spec, path, force, env["git_sha"])
+        if only:
+            todo, done = [p for p in todo if _matches(p, only)], [p for p in done if _matches(p, only)]
         if dry_run:
             print(f"# {spec.id} -> {path}: {len(todo)} to measure, {len(done)} done", file=out)
             todo_keys = {p.key() for p in todo}
             for p in spec.points():
-                print(f"{spec.id}\t{p.label()}\t{'todo' if p.key() in todo_keys else 'done'}", file=out)
+                if _matches(p, only):
+                    print(f"{spec.id}\t{p.label()}\t{'todo' if p.key() in todo_keys else 'done'}", file=out)
             continue
         if not todo:
             print(f"{spec.id}: all {len(done)} points already in {path} at this commit", file=sys.stderr)
