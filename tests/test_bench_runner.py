@@ -199,7 +199,8 @@ def test_only_measures_the_matching_points_and_a_later_run_the_rest(tmp_path, ca
 
 @pytest.mark.parametrize("only, match", [
     (["L"], "expected FIELD=VALUE"), (["L="], "expected FIELD=VALUE"),
-    (["size=4"], "FIELD one of op, provider, B, H, L"), (["L=5"], "no point of spec 'tiny' matches"),
+    (["size=4"], "FIELD one of op, provider, B, H, L"),
+    (["L=5", "mode=fwd"], "--only L=5 mode=fwd: no point of spec 'tiny' matches"),
 ])
 def test_only_rejects_unknown_fields_and_filters_that_match_nothing(tmp_path, only, match):
     specs, logs = make_spec(tmp_path)

@@ -148,7 +148,8 @@ def run_specs(names, specs_dir="experiments", logs_dir="experiments/logs", devic
     only = parse_only(only) if isinstance(only, (list, tuple)) else (only or {})
     for spec in specs:
         if only and not any(_matches(p, only) for p in spec.points()):
-            raise ValueError(f"--only {only}: no point of spec {spec.id!r} matches")
+            shown = " ".join(f"{name}={','.join(sorted(values))}" for name, values in only.items())
+            raise ValueError(f"--only {shown}: no point of spec {spec.id!r} matches")
     out = sys.stdout if out is None else out
     device = pick_device(device)
     env = environment(device)
@@ -169,7 +170,8 @@ def run_specs(names, specs_dir="experiments", logs_dir="experiments/logs", devic
                     print(f"{spec.id}\t{p.label()}\t{'todo' if p.key() in todo_keys else 'done'}", file=out)
             continue
         if not todo:
-            print(f"{spec.id}: all {len(done)} points already in {path} at this commit", file=sys.stderr)
+            which = " matching --only" if only else ""
+            print(f"{spec.id}: all {len(done)} points{which} already in {path} at this commit", file=sys.stderr)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         bar = _progress(todo, spec.id)
