@@ -85,15 +85,15 @@ class KernelOptions:
     16, and otherwise reads the bias tile two bytes at a time (PERF.md v27: 1.59x the forward at L = 1000 on an
     H100; on by default). The copy costs one pass over the bias per forward call.
     pad_bias_tiles_backward: the same for dq and dk/dv (dk/dv's key-major copy is then made from the padded
-    bias): their bias tiles load unmasked (off until measured; PERF.md after v27).
+    bias): their bias tiles load unmasked (off: no faster on the H200, PERF.md after v27).
     fold_split_sum: where the bias gradient is summed over row splits, the dk/dv kernel's programs add the
     partial sums up before their own work (the same fixed order, the same bits) instead of a fourth kernel: one
-    launch fewer per backward; the fp32 partial sums then live until dk/dv ends (off until measured; PERF.md
-    v29).
+    launch fewer per backward; the fp32 partial sums then live until dk/dv ends (off: graph replay 3-6% slower
+    at L = 512-768 on the H200, PERF.md v29).
     fold_bias_copy: where dk/dv reads a key-major copy of the bias (``LaunchConfig.key_major_bias``) that has to
     be made, the dq kernel's programs write it before their own work instead of a PyTorch copy: one launch
-    fewer per backward; the copy then exists from dq on rather than from dk/dv on (off until measured; PERF.md
-    v29).
+    fewer per backward; the copy then exists from dq on rather than from dk/dv on (off: no faster on the H200,
+    PERF.md v29).
     """
 
     fast_exp2: bool = True
