@@ -18,7 +18,6 @@ sweep goes on); ``unsupported`` (provider missing here, e.g. trifast not install
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import math
 import sys
@@ -30,7 +29,7 @@ from .env import environment, gpu_slug, timestamp
 from .logs import append_row, read_rows, repair_tail
 from .measure import measure
 from .providers import Unsupported
-from .spec import METRIC_FIELDS, Point, Spec, load_spec, resolve_spec, row_key
+from .spec import KEY_FIELDS, METRIC_FIELDS, Point, Spec, load_spec, resolve_spec, row_key
 
 DONE_STATUSES = ("ok", "oom", "unsupported")
 _MEASURED = ("ms", "ms_p20", "ms_p80", "peak_mem_mb")
@@ -123,7 +122,7 @@ def todo_points(spec: Spec, path: Path, force: bool = False,
 def parse_only(filters) -> dict[str, set[str]]:
     """``["B=2", "L=1024,2048"]`` -> ``{"B": {"2"}, "L": {"1024", "2048"}}`` (--only); a field a point does not
     have, or a filter without ``=`` or values, is a ValueError naming the fields there are."""
-    fields = [f.name for f in dataclasses.fields(Point) if f.name not in ("spec", "options")]
+    fields = [name for name in KEY_FIELDS if name != "spec"]
     only: dict[str, set[str]] = {}
     for text in filters or ():
         name, sep, values = text.partition("=")
@@ -142,10 +141,10 @@ def run_specs(names, specs_dir="experiments", logs_dir="experiments/logs", devic
               dry_run=False, out=None, only=None) -> int:
     """Validate every named spec, then measure each one's missing points; return the number of
     points measured. With ``dry_run`` only list the points (``todo``/``done``) and measure nothing.
-    ``only`` (:func:`parse_only`'s dict, or its list of ``FIELD=VALUES`` strings) keeps the points that
-    match every filter; a filter that matches none of a spec's points is an error before anything runs."""
+    ``only`` (``--only``'s ``FIELD=VALUES`` strings, :func:`parse_only`) keeps the points that match every
+    filter; a filter that matches none of a spec's points is an error before anything runs."""
     specs = [load_spec(resolve_spec(n, specs_dir)) for n in names]  # all validated before anything runs
-    only = parse_only(only) if isinstance(only, (list, tuple)) else (only or {})
+    only = parse_only(only)
     for spec in specs:
         if only and not any(_matches(p, only) for p in spec.points()):
             shown = " ".join(f"{name}={','.join(sorted(values))}" for name, values in only.items())
