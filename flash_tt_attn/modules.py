@@ -481,15 +481,14 @@ class TriangleAttention(_TriangleAttentionBase):
 
     def _attention_core(self, q, k, v, bias, mask, extents):
         # One dtype for all four (under autocast: the autocast dtype the projections gave).
-        # Contiguous copies of the permuted projections: attention() takes strided views
-        # too (tests/test_attention.py), but the block benchmark (experiments/block.yaml)
-        # was measured with these copies and strided loads have not been timed.
+        # Contiguous copies of the permuted projections unless KernelOptions.block_qkv_copies is off:
+        # attention() reads strided views too, and the same values give the same bits either way.
         dtype = q.dtype
         k, v, bias = k.to(dtype), v.to(dtype), bias.to(dtype).contiguous()
         pad = self._kernel_head_dim - self.c_hidden
         if pad:
             q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-        else:
+        elif _block_qkv_copies():
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with torch.autocast(device_type=q.device.type, enabled=False):
             if q.shape[2] == q.shape[3]:
@@ -498,6 +497,14 @@ class TriangleAttention(_TriangleAttentionBase):
                 check_inputs(q, k, v, bias, self.scale, mask, caller="TriangleAttention (chunked)", row_block=True)
             o = run_attention(q, k, v, bias, self.scale, mask, extents)
         return o[..., : self.c_hidden] if pad else o
+
+
+def _block_qkv_copies() -> bool:
+    """KernelOptions.block_qkv_copies now (ops imported here, not at the module's import: a CPU-only import
+    stays light, as in api)."""
+    from .ops import options  # noqa: PLC0415
+
+    return options().block_qkv_copies
 
 
 class TriangleAttentionReference(_TriangleAttentionBase):

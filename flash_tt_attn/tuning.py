@@ -94,6 +94,10 @@ class KernelOptions:
     be made, the dq kernel's programs write it before their own work instead of a PyTorch copy: one launch
     fewer per backward; the copy then exists from dq on rather than from dk/dv on (off: no faster on the H200,
     PERF.md v29).
+    block_qkv_copies: ``modules.TriangleAttention`` hands attention() contiguous copies of its q, k and v
+    projections, permuted to (B, H, L, L, D); False hands it the permuted views themselves, which the kernels read
+    through their strides (three copies of a pair tensor's q, k, v width fewer per forward; docs/performance.md,
+    next step 9). On until the block spec's ``strided_qkv`` variant has been timed.
     """
 
     fast_exp2: bool = True
@@ -110,6 +114,7 @@ class KernelOptions:
     pad_bias_tiles_backward: bool = False
     fold_split_sum: bool = False
     fold_bias_copy: bool = False
+    block_qkv_copies: bool = True
 
 
 class LargeConfig(NamedTuple):

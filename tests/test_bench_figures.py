@@ -27,7 +27,7 @@ def fake_rows(spec, ts="2026-01-01T00:00:00.000000+00:00"):
     for p in spec.points():
         scale = {"flash_tt_attn": 1.0, "naive": 8.0, "sdpa": 3.0, "flex": 1.5, "trifast": 2.0, "cueq": 2.5,
                  "flex_plain": 1.2, "sdpa_cudnn_plain": 1.1, "folded_split_sum": 0.97,
-                 "folded_bias_copy": 0.98, "folded_launches": 0.95}
+                 "folded_bias_copy": 0.98, "folded_launches": 0.95, "strided_qkv": 0.96}
         ms = scale[p.provider] * (p.L / 128) ** 3 * (2.5 if p.mode == "fwd_bwd" else 1.0)
         row = {**p.fields(), "status": "ok", "ms": ms, "ms_p20": ms * 0.98, "ms_p80": ms * 1.03,
                "peak_mem_mb": scale[p.provider] * p.L ** 2 / 1000, "gpu": GPU, "driver": "1.0", "cuda": "13.0",
@@ -173,6 +173,21 @@ def test_committed_outputs_regenerate_byte_identically(tmp_path):
         assert sorted(got) == sorted(want), slug
         changed = [name for name in want if want[name] != got[name]]
         assert not changed, f"{slug}: regenerated outputs differ: {changed}"
+
+
+def test_a_results_table_shows_the_providers_its_where_names(workspace):
+    """block.yaml's results tables name flash_tt_attn and naive in ``where``: the strided_qkv variant's rows stay
+    out of them (no column of dashes where it was not swept) and go to their own speedup table."""
+    out = workspace.parent / "out"
+    build(workspace, workspace / "logs", out)
+    for name in ("block", "block-host", "block-graph"):
+        md = (out / SLUG / f"{name}.md").read_text()
+        assert "| flash_tt_attn | naive |" in md and "strided_qkv" not in md, name
+    variant = (out / SLUG / "block-strided-qkv.md").read_text()
+    assert "| mode | L | strided_qkv ms | flash_tt_attn ms | vs flash_tt_attn |" in variant
+    assert "| fwd | 256 |" in variant and "| 1.04× |" in variant  # fabricated: 0.96 of flash_tt_attn's time
+    training = (out / SLUG / "training.md").read_text()  # no provider in where: every provider, as before
+    assert "| flash_tt_attn | flex | cueq | trifast |" in training
 
 
 def test_every_provider_and_variant_has_its_own_color_and_a_marker():

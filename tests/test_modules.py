@@ -133,6 +133,37 @@ def test_matches_reference_forward_and_gradients(starting, dtype, rtol):
 
 
 @pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
+def test_strided_qkv_switch_gives_the_copies_bits(starting, monkeypatch):
+    """KernelOptions.block_qkv_copies off: attention() gets the permuted q, k, v projections themselves
+    (strided, not copied), and the block's output and every gradient are bitwise those of the copies."""
+    from flash_tt_attn import modules, ops
+
+    B, L, C = 1, 7, 16
+    fused, _ = make_pair(C, 16, 2, starting=starting)
+    _, ref = make_pair(C, 16, 2, starting=starting, dtype=torch.float64)
+    x, dout = torch.randn(B, L, L, C), torch.randn(B, L, L, C)
+    mask = keep_one_mask(B, L)
+    contiguous = []
+    real = modules.run_attention
+
+    def spy(q, k, v, *args):
+        contiguous.append((q.is_contiguous(), k.is_contiguous(), v.is_contiguous()))
+        return real(q, k, v, *args)
+
+    monkeypatch.setattr(modules, "run_attention", spy)
+    out_copies, g_copies = run(fused, x, mask, dout)
+    with ops.override(block_qkv_copies=False):
+        out_strided, g_strided = run(fused, x, mask, dout)
+    assert contiguous == [(True, True, True), (False, False, False)]
+    assert torch.equal(out_strided, out_copies)
+    for a, b in zip(g_strided, g_copies, strict=True):
+        assert torch.equal(a, b)
+    out_ref, g_ref = run(ref, x.double(), mask, dout.double())
+    assert_rel_close(out_strided, out_ref, 1e-5, "output")
+    assert_rel_close(g_strided[-1], g_ref[-1], 1e-4, "grad x")
+
+
+@pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
 def test_matches_openfold_style_forward_fp64(starting):
     """Against the OpenFold-style oracle: catches layout, transposition and scaling errors."""
     B, L, C = 1, 7, 16
@@ -377,6 +408,32 @@ def test_gpu_fp32_vs_reference(starting):
     assert_rel_close(out_f, out_r, 1e-4, "output")
     for a, b in zip(g_f, g_r, strict=True):
         assert_rel_close(a, b, 1e-3, "grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
+def test_gpu_strided_qkv_switch_gives_the_copies_bits(starting):
+    """block_qkv_copies off at a block's widths (c=128, 4 heads of 32, bf16, L=200 masked): the kernels' strided
+    loads give bitwise the output and gradients of the contiguous copies, and the chunked no-grad forward too."""
+    from flash_tt_attn import ops
+
+    B, L, C = 1, 200, 128
+    fused, _ = make_pair(C, 32, 4, starting=starting, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(B, L, L, C, device="cuda").bfloat16()
+    dout = torch.randn(B, L, L, C, device="cuda").bfloat16()
+    mask = keep_one_mask(B, L, device="cuda")
+    out_copies, g_copies = run(fused, x, mask, dout)
+    with torch.no_grad():
+        chunked_copies = fused(x, mask, chunk_size=77)
+    with ops.override(block_qkv_copies=False):
+        out_strided, g_strided = run(fused, x, mask, dout)
+        with torch.no_grad():
+            chunked_strided = fused(x, mask, chunk_size=77)
+    assert torch.equal(out_strided, out_copies)
+    assert torch.equal(chunked_strided, chunked_copies)
+    for a, b in zip(g_strided, g_copies, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

@@ -117,17 +117,28 @@ def _cell(r, memory: bool, metric: str = "latency") -> str:
     return f"{fmt_ms(r.ms)} / {fmt_mb(r.peak_mem_mb)}" if memory else fmt_ms(r.ms)
 
 
-def results(df, spec: Spec, metric: str = "latency"):
-    """(tidy frame, Markdown body) of a ``results`` table: providers as columns, points as rows."""
+def shown_providers(spec: Spec, where: dict) -> list[str]:
+    """The spec's providers a table shows, in the spec's order: those its ``where`` names, if it names any."""
+    named = where.get("provider")
+    if named is None:
+        return list(spec.providers)
+    named = set(named) if isinstance(named, list) else {named}
+    return [p for p in spec.providers if p in named]
+
+
+def results(df, spec: Spec, metric: str = "latency", where: dict | None = None):
+    """(tidy frame, Markdown body) of a ``results`` table: providers as columns (those ``where`` names, if it
+    names any), points as rows."""
     memory = "memory" in spec.metrics and metric == "latency"
+    providers = shown_providers(spec, where or {})
     varying, caption = _varying(df)
     keys = [*varying, "L"]
     body = []
     for vals, g in df.groupby(keys, sort=False):
         by_prov = {r.provider: _cell(r, memory, metric) for r in g.itertuples()}
-        body.append([str(v) for v in vals] + [by_prov.get(p, "–") for p in spec.providers])
+        body.append([str(v) for v in vals] + [by_prov.get(p, "–") for p in providers])
     what = "latency median, ms / peak memory, MB (2^20 bytes)" if memory else f"{_WHAT[metric]}, ms"
-    text = f"{_lead(caption)}{what}.\n\n" + markdown_table(keys + list(spec.providers), body)
+    text = f"{_lead(caption)}{what}.\n\n" + markdown_table(keys + providers, body)
     if metric == "latency":
         tidy = df.drop(columns=[c for c in _ERRORS if c in df.columns])
     else:  # the point, the metric's own fields and the provenance
@@ -256,7 +267,7 @@ def write_table(rows: list[dict], spec: Spec, table: TableOut, out_stem, title: 
 
     df = sorted_frame(rows, spec, table.where)
     if table.kind == "results":
-        tidy, body = results(df, spec, table.metric)
+        tidy, body = results(df, spec, table.metric, table.where)
     elif table.kind == "speedup":
         tidy, body = speedup(df, spec, table)
     else:
