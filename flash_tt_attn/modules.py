@@ -382,17 +382,23 @@ class _TriangleAttentionBase(nn.Module):
         """x (B, L, L, c_in), rows i along dim 1 (already transposed for the ending node)."""
         B, L, H, D = x.shape[0], x.shape[1], self.no_heads, self.c_hidden
         x = self.layer_norm(x)
-        # (B, L, L, H*D) -> (B, H, L, L, D) views; bias[b, h, j, k] comes from x[b, j, k].
-        q, k, v = (lin(x).view(B, L, L, H, D).permute(0, 3, 1, 2, 4)
-                   for lin in (self.mha.linear_q, self.mha.linear_k, self.mha.linear_v))
-        bias = self.linear(x).permute(0, 3, 1, 2)
+        q, k, v, g = self._head_projections(x)
+        bias = self.linear(x).permute(0, 3, 1, 2)  # bias[b, h, j, k] comes from x[b, j, k]
 
         extents = None if lengths is None else padded_extents(lengths, L)
         o = self._attention_core(q, k, v, bias, mask, extents)  # (B, H, L, L, D)
 
-        g = torch.sigmoid(self.mha.linear_g(x)).view(B, L, L, H, D)
+        g = torch.sigmoid(g).reshape(B, L, L, H, D)
         o = (o.permute(0, 2, 3, 1, 4) * g).reshape(B, L, L, H * D)
         return self.mha.linear_o(o)
+
+    def _head_projections(self, x):
+        """q, k, v as (B, H, R, L, D) views and the gate's pre-activation (B, R, L, H*D) of the layer-normed
+        rows ``x`` (B, R, L, c_in): one linear layer each."""
+        B, R, L, H, D = *x.shape[:3], self.no_heads, self.c_hidden
+        q, k, v = (lin(x).view(B, R, L, H, D).permute(0, 3, 1, 2, 4)
+                   for lin in (self.mha.linear_q, self.mha.linear_k, self.mha.linear_v))
+        return q, k, v, self.mha.linear_g(x)
 
     def _forward_chunked(self, x, mask, rows, lengths, out=None):
         """:meth:`_forward_whole` for blocks of ``rows`` rows i at a time, into a preallocated output
@@ -420,12 +426,10 @@ class _TriangleAttentionBase(nn.Module):
             bias[:, :, r] = b_r
         for r in (slice(i0, min(L, i0 + rows)) for i0 in range(0, L, rows)):
             R = r.stop - r.start
-            xr = self.layer_norm(x[:, r])
-            q, k, v = (lin(xr).view(B, R, L, H, D).permute(0, 3, 1, 2, 4)
-                       for lin in (self.mha.linear_q, self.mha.linear_k, self.mha.linear_v))
+            q, k, v, g = self._head_projections(self.layer_norm(x[:, r]))
             extents = None if lengths is None else padded_extents(lengths, L, r.start, R)
             o = self._attention_core(q, k, v, bias, None if mask is None else mask[:, r], extents)
-            g = torch.sigmoid(self.mha.linear_g(xr)).view(B, R, L, H, D)
+            g = torch.sigmoid(g).reshape(B, R, L, H, D)
             o = (o.permute(0, 2, 3, 1, 4) * g).reshape(B, R, L, H * D)
             o = self.mha.linear_o(o)
             if out is None:
@@ -479,6 +483,23 @@ class TriangleAttention(_TriangleAttentionBase):
 
     _auto_chunk = True
 
+    def _head_projections(self, x):
+        """With KernelOptions.block_fused_projections on, q, k, v and the gate come from one matmul with the
+        four weights stacked (the gate's bias added in its epilogue; zeros for q, k, v): the normed rows are
+        read once rather than four times, and one GEMM (one launch, one in the backward for x's gradient)
+        replaces four. q, k, v and the gate are then column slices of one (B, R, L, 4·H·D) tensor. Each
+        output element is still one dot product over the same c_in channels, so the values equal the
+        separate projections' to rounding (a GEMM of another width may order its sums differently)."""
+        if not _option("block_fused_projections"):
+            return super()._head_projections(x)
+        B, R, L, H, D = *x.shape[:3], self.no_heads, self.c_hidden
+        m, width = self.mha, self.no_heads * self.c_hidden
+        weight = torch.cat((m.linear_q.weight, m.linear_k.weight, m.linear_v.weight, m.linear_g.weight))
+        bias = torch.cat((m.linear_g.bias.new_zeros(3 * width), m.linear_g.bias))
+        q, k, v, g = F.linear(x, weight, bias).split(width, dim=-1)
+        q, k, v = (t.view(B, R, L, H, D).permute(0, 3, 1, 2, 4) for t in (q, k, v))
+        return q, k, v, g
+
     def _attention_core(self, q, k, v, bias, mask, extents):
         # One dtype for all four (under autocast: the autocast dtype the projections gave).
         # Contiguous copies of the permuted projections unless KernelOptions.block_qkv_copies is off:
@@ -488,7 +509,7 @@ class TriangleAttention(_TriangleAttentionBase):
         pad = self._kernel_head_dim - self.c_hidden
         if pad:
             q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-        elif _block_qkv_copies():
+        elif _option("block_qkv_copies"):
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with torch.autocast(device_type=q.device.type, enabled=False):
             if q.shape[2] == q.shape[3]:
@@ -499,12 +520,12 @@ class TriangleAttention(_TriangleAttentionBase):
         return o[..., : self.c_hidden] if pad else o
 
 
-def _block_qkv_copies() -> bool:
-    """KernelOptions.block_qkv_copies now (ops imported here, not at the module's import: a CPU-only import
-    stays light, as in api)."""
+def _option(name: str):
+    """The launchers' switch ``name`` (KernelOptions) now; ops is imported here, not at the module's import,
+    so that a CPU-only import stays light, as in api."""
     from .ops import options  # noqa: PLC0415
 
-    return options().block_qkv_copies
+    return getattr(options(), name)
 
 
 class TriangleAttentionReference(_TriangleAttentionBase):

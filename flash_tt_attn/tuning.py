@@ -98,6 +98,10 @@ class KernelOptions:
     projections, permuted to (B, H, L, L, D); False hands it the permuted views themselves, which the kernels read
     through their strides (three copies of a pair tensor's q, k, v width fewer per forward; docs/performance.md,
     next step 9). On until the block spec's ``strided_qkv`` variant has been timed.
+    block_fused_projections: ``modules.TriangleAttention`` computes q, k, v and the gate with one matmul over the
+    four stacked weights instead of four (the normed pair tensor read once; one launch instead of four, forward
+    and backward); values equal to rounding. Off until the block spec's ``fused_projections`` variants have
+    been timed (PERF.md v31).
     """
 
     fast_exp2: bool = True
@@ -115,6 +119,7 @@ class KernelOptions:
     fold_split_sum: bool = False
     fold_bias_copy: bool = False
     block_qkv_copies: bool = True
+    block_fused_projections: bool = False
 
 
 class LargeConfig(NamedTuple):

@@ -27,7 +27,8 @@ def fake_rows(spec, ts="2026-01-01T00:00:00.000000+00:00"):
     for p in spec.points():
         scale = {"flash_tt_attn": 1.0, "naive": 8.0, "sdpa": 3.0, "flex": 1.5, "trifast": 2.0, "cueq": 2.5,
                  "flex_plain": 1.2, "sdpa_cudnn_plain": 1.1, "folded_split_sum": 0.97,
-                 "folded_bias_copy": 0.98, "folded_launches": 0.95, "strided_qkv": 0.96}
+                 "folded_bias_copy": 0.98, "folded_launches": 0.95, "strided_qkv": 0.96,
+                 "fused_projections": 0.9, "fused_strided": 0.87}
         ms = scale[p.provider] * (p.L / 128) ** 3 * (2.5 if p.mode == "fwd_bwd" else 1.0)
         row = {**p.fields(), "status": "ok", "ms": ms, "ms_p20": ms * 0.98, "ms_p80": ms * 1.03,
                "peak_mem_mb": scale[p.provider] * p.L ** 2 / 1000, "gpu": GPU, "driver": "1.0", "cuda": "13.0",
@@ -182,10 +183,13 @@ def test_a_results_table_shows_the_providers_its_where_names(workspace):
     build(workspace, workspace / "logs", out)
     for name in ("block", "block-host", "block-graph"):
         md = (out / SLUG / f"{name}.md").read_text()
-        assert "| flash_tt_attn | naive |" in md and "strided_qkv" not in md, name
+        assert "| flash_tt_attn | naive |" in md and "strided_qkv" not in md and "fused" not in md, name
     variant = (out / SLUG / "block-strided-qkv.md").read_text()
     assert "| mode | L | strided_qkv ms | flash_tt_attn ms | vs flash_tt_attn |" in variant
     assert "| fwd | 256 |" in variant and "| 1.04× |" in variant  # fabricated: 0.96 of flash_tt_attn's time
+    both = (out / SLUG / "block-fused-strided.md").read_text()
+    assert "| mode | L | fused_strided ms | flash_tt_attn ms | vs flash_tt_attn | strided_qkv ms | vs strided_qkv |" \
+        in both
     training = (out / SLUG / "training.md").read_text()  # no provider in where: every provider, as before
     assert "| flash_tt_attn | flex | cueq | trifast |" in training
 

@@ -78,10 +78,11 @@ def test_training_spec_expands_to_its_sixty_five_points():
 def test_block_spec_has_both_nodes_and_old_rows_count_as_starting():
     spec = load_spec(EXPERIMENTS / "block.yaml")
     pts = spec.points()
-    main = [p for p in pts if p.provider != "strided_qkv"]
+    variants = ("strided_qkv", "fused_projections", "fused_strided")
+    main = [p for p in pts if p.provider not in variants]
     assert len(main) == 5 * 2 * 2 * 2  # L x node x mode x provider
-    variant = [p for p in pts if p.provider == "strided_qkv"]  # the training crops, starting node
-    assert len(variant) == 4 * 2 and {p.node for p in variant} == {"starting"}
+    variant = [p for p in pts if p.provider in variants]  # the training crops, starting node
+    assert len(variant) == 3 * 4 * 2 and {p.node for p in variant} == {"starting"}
     assert {p.node for p in pts} == {"starting", "ending"} and {256, 384} <= {p.L for p in pts}
     assert {"host", "graph"} <= set(spec.metrics)
     start = next(p for p in pts if p.node == "starting")
