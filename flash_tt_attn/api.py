@@ -156,6 +156,24 @@ def _interpreted_bf16(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and _uses_triton(device, dtype)
 
 
+def layer_norm_rows(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """``norm(x)`` for a pair tensor's rows x (B, R, L, c): the Triton layer norm (:class:`ops.LayerNormRows`)
+    where it applies (an eager call the kernels run: CUDA, or the interpreter in fp32/fp16; no autocast, which
+    would compute the norm in fp32; x's last dim contiguous; an affine norm of x's dtype over that dim), else
+    the module itself. Equal to rounding: the statistics are summed in another order."""
+    weight, bias = norm.weight, norm.bias
+    if (torch.compiler.is_compiling() or x.dim() != 4 or x.stride(-1) != 1 or weight is None or bias is None
+            or tuple(norm.normalized_shape) != (x.shape[-1],) or weight.dtype != x.dtype or bias.dtype != x.dtype
+            or torch.is_autocast_enabled(x.device.type) or not _uses_triton(x.device, x.dtype)
+            or (x.device.type == "cpu" and x.dtype == torch.bfloat16)):  # the interpreter has no bf16 arithmetic
+        return norm(x)
+    from .ops import LayerNormRows, launch_layer_norm  # noqa: PLC0415
+
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return LayerNormRows.apply(x, weight, bias, norm.eps)
+    return launch_layer_norm(x, weight, bias, norm.eps)[0]
+
+
 def run_attention(q, k, v, bias, scale: float, mask, extents: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The computation behind :func:`attention` (inputs already checked, scale resolved), also for
     row shards (q of shape (B, H, R, L, D)): picks the path and names the shapes on out-of-memory.

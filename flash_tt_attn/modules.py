@@ -48,7 +48,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import SUPPORTED_HEAD_DIMS, check_inputs, check_lengths, extents_mask, padded_extents, run_attention
+from .api import (
+    SUPPORTED_HEAD_DIMS,
+    check_inputs,
+    check_lengths,
+    extents_mask,
+    layer_norm_rows,
+    padded_extents,
+    run_attention,
+)
 
 __all__ = [
     "TriangleAttention",
@@ -381,7 +389,7 @@ class _TriangleAttentionBase(nn.Module):
     def _forward_whole(self, x, mask, lengths):
         """x (B, L, L, c_in), rows i along dim 1 (already transposed for the ending node)."""
         B, L, H, D = x.shape[0], x.shape[1], self.no_heads, self.c_hidden
-        x = self.layer_norm(x)
+        x = self._norm(x)
         q, k, v, g = self._head_projections(x)
         bias = self.linear(x).permute(0, 3, 1, 2)  # bias[b, h, j, k] comes from x[b, j, k]
 
@@ -391,6 +399,10 @@ class _TriangleAttentionBase(nn.Module):
         g = torch.sigmoid(g).reshape(B, L, L, H, D)
         o = (o.permute(0, 2, 3, 1, 4) * g).reshape(B, L, L, H * D)
         return self.mha.linear_o(o)
+
+    def _norm(self, x):
+        """The layer norm of rows x (B, R, L, c_in)."""
+        return self.layer_norm(x)
 
     def _head_projections(self, x):
         """q, k, v as (B, H, R, L, D) views and the gate's pre-activation (B, R, L, H*D) of the layer-normed
@@ -420,13 +432,13 @@ class _TriangleAttentionBase(nn.Module):
         bounds = [*range(0, L, bias_rows)][: max(1, L // bias_rows)] + [L]
         bias = None
         for r in (slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)):
-            b_r = self.linear(self.layer_norm(x[:, r])).permute(0, 3, 1, 2)  # (B, H, R, L)
+            b_r = self.linear(self._norm(x[:, r])).permute(0, 3, 1, 2)  # (B, H, R, L)
             if bias is None:
                 bias = b_r.new_empty(B, H, L, L)
             bias[:, :, r] = b_r
         for r in (slice(i0, min(L, i0 + rows)) for i0 in range(0, L, rows)):
             R = r.stop - r.start
-            q, k, v, g = self._head_projections(self.layer_norm(x[:, r]))
+            q, k, v, g = self._head_projections(self._norm(x[:, r]))
             extents = None if lengths is None else padded_extents(lengths, L, r.start, R)
             o = self._attention_core(q, k, v, bias, None if mask is None else mask[:, r], extents)
             g = torch.sigmoid(g).reshape(B, R, L, H, D)
@@ -483,6 +495,13 @@ class TriangleAttention(_TriangleAttentionBase):
 
     _auto_chunk = True
 
+    def _norm(self, x):
+        """With KernelOptions.block_triton_layer_norm on, the Triton layer norm (api.layer_norm_rows), which reads
+        the rows in place (the ending node's transposed view, a chunk) and many rows per program."""
+        if _option("block_triton_layer_norm"):
+            return layer_norm_rows(x, self.layer_norm)
+        return self.layer_norm(x)
+
     def _head_projections(self, x):
         """With KernelOptions.block_fused_projections on, q, k, v and the gate come from one matmul with the
         four weights stacked (the gate's bias added in its epilogue; zeros for q, k, v): the normed rows are
@@ -502,8 +521,8 @@ class TriangleAttention(_TriangleAttentionBase):
 
     def _attention_core(self, q, k, v, bias, mask, extents):
         # One dtype for all four (under autocast: the autocast dtype the projections gave).
-        # Contiguous copies of the permuted projections unless KernelOptions.block_qkv_copies is off:
-        # attention() reads strided views too, and the same values give the same bits either way.
+        # The permuted projections themselves (strided views), or contiguous copies with KernelOptions.block_qkv_copies
+        # on (as before v30): attention() reads any strides, and the same values give the same bits either way.
         dtype = q.dtype
         k, v, bias = k.to(dtype), v.to(dtype), bias.to(dtype).contiguous()
         pad = self._kernel_head_dim - self.c_hidden

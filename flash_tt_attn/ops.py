@@ -33,11 +33,12 @@ from .kernels.backward import (
     sum_row_splits_kernel,
 )
 from .kernels.forward import attention_fwd_kernel
+from .kernels.layer_norm import layer_norm_fwd_kernel
 from .launch import FastLauncher
 from .tuning import KernelOptions, LaunchConfig
 
 __all__ = ["LaunchConfig", "KernelOptions", "options", "override", "launch_config", "attention_fwd", "attention_bwd",
-           "launch_forward", "launch_backward", "DirectAttention"]
+           "launch_forward", "launch_backward", "DirectAttention", "LayerNormRows"]
 
 
 def interpreter_enabled() -> bool:
@@ -170,7 +171,7 @@ def row_offset_dtype(L: int, head_dim: int, *strides: tuple):
 
 _LAUNCHERS = {kernel: FastLauncher(kernel) for kernel in (
     attention_fwd_kernel, attention_bwd_dq_kernel, attention_bwd_dkdv_kernel, attention_bwd_dbias_kernel,
-    sum_row_splits_kernel)}
+    sum_row_splits_kernel, layer_norm_fwd_kernel)}
 
 
 def _launch(kernel, plan: LaunchPlan, tensors: tuple) -> None:
@@ -616,3 +617,49 @@ class DirectAttention(torch.autograd.Function):
             return _gradients(ctx, dout, attention_bwd)
         with set_wrap_triton_enabled(False):
             return _gradients(ctx, dout, launch_backward)
+
+
+# Elements per program of the layer norm (BLOCK_M rows of BLOCK_N channels): 64 rows of c = 128.
+LAYER_NORM_ELEMENTS = 8192
+
+
+def _layer_norm_plan(shape, x_s, dtype, device, eps):
+    B, R, L, N = shape
+    block_n = 1 << (N - 1).bit_length()
+    block_m = max(1, LAYER_NORM_ELEMENTS // block_n)
+    M = B * R * L
+    return _launch_plan((cdiv(M, block_m),), (*x_s[:3], R, L, M, eps),
+                        dict(N=N, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m * block_n >= 8192 else 4))
+
+
+def launch_layer_norm(x, weight, bias, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer norm of the last dim of x (B, R, L, N), a view with unit stride on its last dim: returns the output
+    (contiguous, x's dtype) and the fp32 mean and 1/std of each row, shaped (B, R, L, 1) as PyTorch's
+    ``native_layer_norm`` returns them."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if x.numel():
+        plan = _plan(_layer_norm_plan, x.shape, x.stride(), x.dtype, x.device, eps)
+        _launch(layer_norm_fwd_kernel, plan, (x, weight, bias, y, mean, rstd))
+    return y, mean, rstd
+
+
+class LayerNormRows(torch.autograd.Function):
+    """``F.layer_norm(x, (N,), weight, bias, eps)`` for an eager call on x (B, R, L, N): the forward is
+    :func:`launch_layer_norm`; the backward is PyTorch's own (``aten.native_layer_norm_backward``) on the mean
+    and 1/std the forward kept, so the gradients are computed as PyTorch computes them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        with set_wrap_triton_enabled(False):
+            y, mean, rstd = launch_layer_norm(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+            dy, x, [x.shape[-1]], mean, rstd, weight, bias, list(ctx.needs_input_grad[:3]))
+        return dx, dw, db, None

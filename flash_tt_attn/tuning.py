@@ -97,11 +97,16 @@ class KernelOptions:
     block_qkv_copies: ``modules.TriangleAttention`` hands attention() contiguous copies of its q, k and v
     projections, permuted to (B, H, L, L, D); False hands it the permuted views themselves, which the kernels read
     through their strides (three copies of a pair tensor's q, k, v width fewer per forward; docs/performance.md,
-    next step 9). On until the block spec's ``strided_qkv`` variant has been timed.
+    next step 9). Off since v30 was measured (PERF.md: block forward 1.18-1.24x at L = 384-768 on an H100, the
+    same bits); the block spec's ``qkv_copies`` variant keeps the copies for comparison.
     block_fused_projections: ``modules.TriangleAttention`` computes q, k, v and the gate with one matmul over the
     four stacked weights instead of four (the normed pair tensor read once; one launch instead of four, forward
     and backward); values equal to rounding. Off until the block spec's ``fused_projections`` variants have
     been timed (PERF.md v31).
+    block_triton_layer_norm: ``modules.TriangleAttention``'s eager layer norm runs the Triton kernel
+    (kernels/layer_norm.py: many rows per program, rows read through their strides) instead of PyTorch's, whose
+    CUDA kernel reaches a fraction of the bandwidth at c = 128; the backward stays PyTorch's. Values equal to
+    rounding. Off until the block spec's ``triton_layer_norm`` variant has been timed (PERF.md v32).
     """
 
     fast_exp2: bool = True
@@ -118,8 +123,9 @@ class KernelOptions:
     pad_bias_tiles_backward: bool = False
     fold_split_sum: bool = False
     fold_bias_copy: bool = False
-    block_qkv_copies: bool = True
+    block_qkv_copies: bool = False
     block_fused_projections: bool = False
+    block_triton_layer_norm: bool = False
 
 
 class LargeConfig(NamedTuple):

@@ -27,8 +27,9 @@ def fake_rows(spec, ts="2026-01-01T00:00:00.000000+00:00"):
     for p in spec.points():
         scale = {"flash_tt_attn": 1.0, "naive": 8.0, "sdpa": 3.0, "flex": 1.5, "trifast": 2.0, "cueq": 2.5,
                  "flex_plain": 1.2, "sdpa_cudnn_plain": 1.1, "folded_split_sum": 0.97,
-                 "folded_bias_copy": 0.98, "folded_launches": 0.95, "strided_qkv": 0.96,
-                 "fused_projections": 0.9, "fused_strided": 0.87}
+                 "folded_bias_copy": 0.98, "folded_launches": 0.95, "qkv_copies": 1.25,
+                 "fused_projections": 0.95, "triton_layer_norm": 0.85, "layer_norm_fused": 0.8,
+                 "flash_tt_attn_lengths": 0.6, "lengths_layer_norm_fused": 0.5}
         ms = scale[p.provider] * (p.L / 128) ** 3 * (2.5 if p.mode == "fwd_bwd" else 1.0)
         row = {**p.fields(), "status": "ok", "ms": ms, "ms_p20": ms * 0.98, "ms_p80": ms * 1.03,
                "peak_mem_mb": scale[p.provider] * p.L ** 2 / 1000, "gpu": GPU, "driver": "1.0", "cuda": "13.0",
@@ -177,19 +178,19 @@ def test_committed_outputs_regenerate_byte_identically(tmp_path):
 
 
 def test_a_results_table_shows_the_providers_its_where_names(workspace):
-    """block.yaml's results tables name flash_tt_attn and naive in ``where``: the strided_qkv variant's rows stay
-    out of them (no column of dashes where it was not swept) and go to their own speedup table."""
+    """block.yaml's results tables name flash_tt_attn and naive in ``where``: the variants' rows stay out of them
+    (no column of dashes where they were not swept) and go to their own speedup tables."""
     out = workspace.parent / "out"
     build(workspace, workspace / "logs", out)
     for name in ("block", "block-host", "block-graph"):
         md = (out / SLUG / f"{name}.md").read_text()
-        assert "| flash_tt_attn | naive |" in md and "strided_qkv" not in md and "fused" not in md, name
-    variant = (out / SLUG / "block-strided-qkv.md").read_text()
-    assert "| mode | L | strided_qkv ms | flash_tt_attn ms | vs flash_tt_attn |" in variant
-    assert "| fwd | 256 |" in variant and "| 1.04× |" in variant  # fabricated: 0.96 of flash_tt_attn's time
-    both = (out / SLUG / "block-fused-strided.md").read_text()
-    assert "| mode | L | fused_strided ms | flash_tt_attn ms | vs flash_tt_attn | strided_qkv ms | vs strided_qkv |" \
-        in both
+        assert "| flash_tt_attn | naive |" in md and "qkv_copies" not in md and "layer_norm" not in md, name
+    variant = (out / SLUG / "block-qkv-copies.md").read_text()
+    assert "| mode | L | flash_tt_attn ms | qkv_copies ms | vs qkv_copies |" in variant
+    assert "| fwd | 256 |" in variant and "| 1.25× |" in variant  # fabricated: 1.25 of flash_tt_attn's time
+    both = (out / SLUG / "block-layer-norm-fused.md").read_text()
+    assert ("| mode | L | layer_norm_fused ms | flash_tt_attn ms | vs flash_tt_attn | triton_layer_norm ms "
+            "| vs triton_layer_norm |") in both
     training = (out / SLUG / "training.md").read_text()  # no provider in where: every provider, as before
     assert "| flash_tt_attn | flex | cueq | trifast |" in training
 

@@ -134,8 +134,9 @@ def test_matches_reference_forward_and_gradients(starting, dtype, rtol):
 
 @pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
 def test_strided_qkv_switch_gives_the_copies_bits(starting, monkeypatch):
-    """KernelOptions.block_qkv_copies off: attention() gets the permuted q, k, v projections themselves
-    (strided, not copied), and the block's output and every gradient are bitwise those of the copies."""
+    """KernelOptions.block_qkv_copies off (the default since v30): attention() gets the permuted q, k, v
+    projections themselves (strided, not copied), and the block's output and every gradient are bitwise those
+    of the copies (the switch on)."""
     from flash_tt_attn import modules, ops
 
     B, L, C = 1, 7, 16
@@ -151,10 +152,10 @@ def test_strided_qkv_switch_gives_the_copies_bits(starting, monkeypatch):
         return real(q, k, v, *args)
 
     monkeypatch.setattr(modules, "run_attention", spy)
-    out_copies, g_copies = run(fused, x, mask, dout)
-    with ops.override(block_qkv_copies=False):
-        out_strided, g_strided = run(fused, x, mask, dout)
-    assert contiguous == [(True, True, True), (False, False, False)]
+    out_strided, g_strided = run(fused, x, mask, dout)
+    with ops.override(block_qkv_copies=True):
+        out_copies, g_copies = run(fused, x, mask, dout)
+    assert contiguous == [(False, False, False), (True, True, True)]
     assert torch.equal(out_strided, out_copies)
     for a, b in zip(g_strided, g_copies, strict=True):
         assert torch.equal(a, b)
@@ -446,12 +447,40 @@ def test_fused_projections_switch_runs_one_matmul_and_matches_the_reference(star
         assert_rel_close(a, c, 1e-4, f"grad {name} against the separate projections")
 
 
+@pytest.mark.parametrize("fused_projections", [False, True], ids=["apart", "fused"])
+@pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
+def test_triton_layer_norm_switch_runs_the_kernel_and_matches_the_reference(starting, fused_projections,
+                                                                            monkeypatch):
+    """KernelOptions.block_triton_layer_norm on: the block's layer norm is the Triton kernel's (on the ending
+    node's transposed view in place), alone and with the fused projections; output and every gradient close
+    to the fp64 reference."""
+    from flash_tt_attn import ops
+
+    B, L, C = 1, 7, 16
+    fused, _ = make_pair(C, 16, 2, starting=starting)
+    _, ref = make_pair(C, 16, 2, starting=starting, dtype=torch.float64)
+    x, dout = torch.randn(B, L, L, C), torch.randn(B, L, L, C)
+    mask = keep_one_mask(B, L)
+    calls = []
+    real = ops.launch_layer_norm
+    monkeypatch.setattr(ops, "launch_layer_norm", lambda t, *a: calls.append(t.is_contiguous()) or real(t, *a))
+    with ops.override(block_triton_layer_norm=True, block_fused_projections=fused_projections):
+        out, g = run(fused, x, mask, dout)
+    assert calls == [starting]  # the ending node's x is a transposed view, read in place
+    out_ref, g_ref = run(ref, x.double(), mask, dout.double())
+    assert_rel_close(out, out_ref, 1e-5, "output")
+    names = [n for n, _ in fused.named_parameters()] + ["x"]
+    for name, a, b in zip(names, g, g_ref, strict=True):
+        assert_rel_close(a, b, 1e-4, f"grad {name}")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
 def test_gpu_strided_qkv_switch_gives_the_copies_bits(starting):
-    """block_qkv_copies off at a block's widths (c=128, 4 heads of 32, bf16, L=200 masked): the kernels' strided
-    loads give bitwise the output and gradients of the contiguous copies, and the chunked no-grad forward too."""
+    """block_qkv_copies off (the default) at a block's widths (c=128, 4 heads of 32, bf16, L=200 masked): the
+    kernels' strided loads give bitwise the output and gradients of the contiguous copies (the switch on), and
+    the chunked no-grad forward too."""
     from flash_tt_attn import ops
 
     B, L, C = 1, 200, 128
@@ -459,13 +488,13 @@ def test_gpu_strided_qkv_switch_gives_the_copies_bits(starting):
     x = torch.randn(B, L, L, C, device="cuda").bfloat16()
     dout = torch.randn(B, L, L, C, device="cuda").bfloat16()
     mask = keep_one_mask(B, L, device="cuda")
-    out_copies, g_copies = run(fused, x, mask, dout)
+    out_strided, g_strided = run(fused, x, mask, dout)
     with torch.no_grad():
-        chunked_copies = fused(x, mask, chunk_size=77)
-    with ops.override(block_qkv_copies=False):
-        out_strided, g_strided = run(fused, x, mask, dout)
+        chunked_strided = fused(x, mask, chunk_size=77)
+    with ops.override(block_qkv_copies=True):
+        out_copies, g_copies = run(fused, x, mask, dout)
         with torch.no_grad():
-            chunked_strided = fused(x, mask, chunk_size=77)
+            chunked_copies = fused(x, mask, chunk_size=77)
     assert torch.equal(out_strided, out_copies)
     assert torch.equal(chunked_strided, chunked_copies)
     for a, b in zip(g_strided, g_copies, strict=True):
@@ -478,7 +507,10 @@ def test_gpu_strided_qkv_switch_gives_the_copies_bits(starting):
 def test_gpu_fused_projections_match_the_separate_ones(copies):
     """block_fused_projections on at a block's widths (c=128, 4 heads of 32, L=200 masked), fp32 against the
     fp64 reference (cuBLAS's GEMM of width 512 may sum in another order than four of width 128: close, not
-    bitwise), and compiled (fullgraph) == eager bitwise with the switch on."""
+    bitwise), and compiled (fullgraph) close to eager, as test_gpu_compile_fullgraph_matches_eager asks of
+    the block: on an H100 at f41eb0b the compiled output was not bitwise the eager one with the switch on
+    (Inductor plans the stacked weights' matmul and its bias itself; which op rounds differently was not
+    located)."""
     from flash_tt_attn import ops
 
     B, L, C = 1, 200, 128
@@ -495,7 +527,9 @@ def test_gpu_fused_projections_match_the_separate_ones(copies):
     assert_rel_close(out_f, out_r, 1e-4, "output")
     for a, b in zip(g_f, g_r, strict=True):
         assert_rel_close(a, b, 1e-3, "grad")
-    assert torch.equal(out_c, out_f)
+    assert_rel_close(out_c, out_f, 1e-4, "compiled output")
+    for a, b in zip(g_c, g_f, strict=True):
+        assert_rel_close(a, b, 1e-3, "compiled grad")
 
 
 @pytest.mark.gpu
