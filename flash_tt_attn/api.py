@@ -167,11 +167,11 @@ def layer_norm_rows(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
             or torch.is_autocast_enabled(x.device.type) or not _uses_triton(x.device, x.dtype)
             or (x.device.type == "cpu" and x.dtype == torch.bfloat16)):  # the interpreter has no bf16 arithmetic
         return norm(x)
-    from .ops import LayerNormRows, launch_layer_norm  # noqa: PLC0415
+    from .ops import LayerNormRows, layer_norm_without_grad  # noqa: PLC0415
 
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return LayerNormRows.apply(x, weight, bias, norm.eps)
-    return launch_layer_norm(x, weight, bias, norm.eps)[0]
+    return layer_norm_without_grad(x, weight, bias, norm.eps)
 
 
 def run_attention(q, k, v, bias, scale: float, mask, extents: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -38,7 +38,8 @@ from .launch import FastLauncher
 from .tuning import KernelOptions, LaunchConfig
 
 __all__ = ["LaunchConfig", "KernelOptions", "options", "override", "launch_config", "attention_fwd", "attention_bwd",
-           "launch_forward", "launch_backward", "DirectAttention", "LayerNormRows"]
+           "launch_forward", "launch_backward", "DirectAttention", "LayerNormRows",
+           "layer_norm_without_grad"]
 
 
 def interpreter_enabled() -> bool:
@@ -643,6 +644,14 @@ def launch_layer_norm(x, weight, bias, eps: float) -> tuple[torch.Tensor, torch.
         plan = _plan(_layer_norm_plan, x.shape, x.stride(), x.dtype, x.device, eps)
         _launch(layer_norm_fwd_kernel, plan, (x, weight, bias, y, mean, rstd))
     return y, mean, rstd
+
+
+def layer_norm_without_grad(x, weight, bias, eps: float) -> torch.Tensor:
+    """An eager layer norm that records no autograd graph: :func:`launch_layer_norm`'s output, launched through the
+    launch cache (wrap_triton off: torch leaves it on outside its custom ops, and a launch through it costs
+    ~0.35 ms of host time; PERF.md v32)."""
+    with set_wrap_triton_enabled(False):
+        return launch_layer_norm(x, weight, bias, eps)[0]
 
 
 class LayerNormRows(torch.autograd.Function):
