@@ -28,8 +28,8 @@ def fake_rows(spec, ts="2026-01-01T00:00:00.000000+00:00"):
         scale = {"flash_tt_attn": 1.0, "naive": 8.0, "sdpa": 3.0, "flex": 1.5, "trifast": 2.0, "cueq": 2.5,
                  "flex_plain": 1.2, "sdpa_cudnn_plain": 1.1, "folded_split_sum": 0.97,
                  "folded_bias_copy": 0.98, "folded_launches": 0.95, "qkv_copies": 1.25,
-                 "fused_projections": 0.95, "triton_layer_norm": 0.85, "layer_norm_fused": 0.8,
-                 "flash_tt_attn_lengths": 0.6, "lengths_layer_norm_fused": 0.5}
+                 "torch_layer_norm": 1.2, "fused_projections": 0.95, "flash_tt_attn_lengths": 0.6,
+                 "lengths_fused_projections": 0.55}
         ms = scale[p.provider] * (p.L / 128) ** 3 * (2.5 if p.mode == "fwd_bwd" else 1.0)
         row = {**p.fields(), "status": "ok", "ms": ms, "ms_p20": ms * 0.98, "ms_p80": ms * 1.03,
                "peak_mem_mb": scale[p.provider] * p.L ** 2 / 1000, "gpu": GPU, "driver": "1.0", "cuda": "13.0",
@@ -184,13 +184,12 @@ def test_a_results_table_shows_the_providers_its_where_names(workspace):
     build(workspace, workspace / "logs", out)
     for name in ("block", "block-host", "block-graph"):
         md = (out / SLUG / f"{name}.md").read_text()
-        assert "| flash_tt_attn | naive |" in md and "qkv_copies" not in md and "layer_norm" not in md, name
+        assert "| flash_tt_attn | naive |" in md and "qkv_copies" not in md and "fused" not in md, name
     variant = (out / SLUG / "block-qkv-copies.md").read_text()
     assert "| mode | L | flash_tt_attn ms | qkv_copies ms | vs qkv_copies |" in variant
     assert "| fwd | 256 |" in variant and "| 1.25× |" in variant  # fabricated: 1.25 of flash_tt_attn's time
-    both = (out / SLUG / "block-layer-norm-fused.md").read_text()
-    assert ("| mode | L | layer_norm_fused ms | flash_tt_attn ms | vs flash_tt_attn | triton_layer_norm ms "
-            "| vs triton_layer_norm |") in both
+    norm = (out / SLUG / "block-triton-layer-norm.md").read_text()
+    assert "| mode | L | flash_tt_attn ms | torch_layer_norm ms | vs torch_layer_norm |" in norm
     training = (out / SLUG / "training.md").read_text()  # no provider in where: every provider, as before
     assert "| flash_tt_attn | flex | cueq | trifast |" in training
 

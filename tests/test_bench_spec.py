@@ -78,11 +78,11 @@ def test_training_spec_expands_to_its_sixty_five_points():
 def test_block_spec_has_both_nodes_and_old_rows_count_as_starting():
     spec = load_spec(EXPERIMENTS / "block.yaml")
     pts = spec.points()
-    variants = ("qkv_copies", "fused_projections", "triton_layer_norm", "layer_norm_fused")
+    variants = ("qkv_copies", "torch_layer_norm", "fused_projections")
     main = [p for p in pts if p.provider not in variants]
     assert len(main) == 5 * 2 * 2 * 2  # L x node x mode x provider
     variant = [p for p in pts if p.provider in variants]  # the training crops, starting node
-    assert len(variant) == 4 * 4 * 2 and {p.node for p in variant} == {"starting"}
+    assert len(variant) == 3 * 4 * 2 and {p.node for p in variant} == {"starting"}
     assert {p.node for p in pts} == {"starting", "ending"} and {256, 384} <= {p.L for p in pts}
     assert {"host", "graph"} <= set(spec.metrics)
     start = next(p for p in pts if p.node == "starting")
@@ -206,13 +206,13 @@ def test_long_inference_spec_sweeps_its_own_providers():
     assert starting == {"flash_tt_attn", "flash_tt_attn_whole", "naive_chunk4", "naive_chunk128", "cueq"}
     assert {p.provider for p in long if p.node == "ending"} == {"flash_tt_attn", "flash_tt_attn_whole", "cueq"}
     padding = [p for p in pts if p.B == 2]
-    assert {p.provider for p in padding} == {"flash_tt_attn", "flash_tt_attn_lengths", "layer_norm_fused",
-                                            "lengths_layer_norm_fused"}
+    assert {p.provider for p in padding} == {"flash_tt_attn", "flash_tt_attn_lengths", "fused_projections",
+                                            "lengths_fused_projections"}
     assert {p.mode for p in padding} == {"fwd", "fwd_bwd"}
-    assert {p.mode for p in padding if "layer_norm" in p.provider} == {"fwd"}
-    switches = {"block_triton_layer_norm": True, "block_fused_projections": True}
-    assert {p.provider: dict(p.options or {}) for p in padding if "layer_norm" in p.provider} == {
-        "layer_norm_fused": switches, "lengths_layer_norm_fused": {**switches, "provider": "flash_tt_attn_lengths"}}
+    assert {p.mode for p in padding if "fused" in p.provider} == {"fwd"}
+    switches = {"block_fused_projections": True}
+    assert {p.provider: dict(p.options or {}) for p in padding if "fused" in p.provider} == {
+        "fused_projections": switches, "lengths_fused_projections": {**switches, "provider": "flash_tt_attn_lengths"}}
     assert len(pts) == 4 * 5 + 4 * 3 + 3 * 2 + 3 * 2 + 3 * 2
     padding_speedup = next(t for t in spec.tables if t.file == "long-inference-padding-speedup")
     assert padding_speedup.target == "flash_tt_attn_lengths" and padding_speedup.baselines == ("flash_tt_attn",)

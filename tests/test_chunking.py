@@ -112,14 +112,14 @@ def test_tiny_fp32_chunks_are_close_not_bitwise():
         torch.testing.assert_close(m(x, chunk_size=1), m(x, chunk_size=5), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("switches", [{"block_fused_projections": True}, {"block_triton_layer_norm": True},
-                                      {"block_fused_projections": True, "block_triton_layer_norm": True}],
-                         ids=["fused", "layer-norm", "both"])
+@pytest.mark.parametrize("switches", [{"block_fused_projections": True}, {"block_triton_layer_norm": False},
+                                      {"block_fused_projections": True, "block_triton_layer_norm": False}],
+                         ids=["fused", "torch-layer-norm", "fused-torch-layer-norm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_block_switches_keep_chunked_equal_to_unchunked_bitwise(dtype, switches):
-    """KernelOptions.block_fused_projections (one stacked matmul per chunk) and block_triton_layer_norm (the
-    norm of a chunk's rows, and of the bias pass's blocks, read in place): each row still gets the whole call's
-    bits (every chunk ≥ 24 rows, as above)."""
+    """KernelOptions.block_fused_projections (one stacked matmul per chunk) and block_triton_layer_norm off
+    (PyTorch's norm; on, the default, the Triton norm reads a chunk's rows and the bias pass's blocks in place,
+    tested above): each row still gets the whole call's bits (every chunk ≥ 24 rows, as above)."""
     L = 12
     m = block(dtype=dtype)
     x, mask = pair(L=L, dtype=dtype)
@@ -130,18 +130,18 @@ def test_block_switches_keep_chunked_equal_to_unchunked_bitwise(dtype, switches)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True], ids=["apart", "fused-layer-norm"])
+@pytest.mark.parametrize("fused", [False, True], ids=["default", "fused-torch-layer-norm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
 def test_gpu_chunked_equals_unchunked_bitwise(starting, dtype, fused):
     """The kernels and cuBLAS at a block's widths (c=128, 4 heads of 32), L=200: chunks of 1, 64, 77 rows; with
-    PyTorch's layer norm and the q, k, v and gate projections apart, and with the Triton layer norm and one
-    matmul (KernelOptions.block_triton_layer_norm, block_fused_projections)."""
+    the defaults (the Triton layer norm, the q, k, v and gate projections apart), and with PyTorch's layer norm
+    and one matmul (KernelOptions.block_triton_layer_norm off, block_fused_projections on)."""
     m = block(starting=starting, c_in=128, c_hidden=32, heads=4).to(device="cuda", dtype=dtype)
     x = torch.randn(1, 200, 200, 128, device="cuda").to(dtype)
     mask = (torch.rand(1, 200, 200, device="cuda") < 0.9) | torch.eye(200, dtype=torch.bool, device="cuda")
     lengths = torch.tensor([150], device="cuda")  # a padded tail: per-chunk extents, chunks past the tail
-    with torch.no_grad(), ops.override(block_fused_projections=fused, block_triton_layer_norm=fused):
+    with torch.no_grad(), ops.override(block_fused_projections=fused, block_triton_layer_norm=not fused):
         whole = m(x, mask, chunk_size=200)
         padded = m(x, mask, chunk_size=200, lengths=lengths)
         for chunk in (1, 64, 77):

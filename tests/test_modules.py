@@ -451,9 +451,9 @@ def test_fused_projections_switch_runs_one_matmul_and_matches_the_reference(star
 @pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
 def test_triton_layer_norm_switch_runs_the_kernel_and_matches_the_reference(starting, fused_projections,
                                                                             monkeypatch):
-    """KernelOptions.block_triton_layer_norm on: the block's layer norm is the Triton kernel's (on the ending
-    node's transposed view in place), alone and with the fused projections; output and every gradient close
-    to the fp64 reference."""
+    """KernelOptions.block_triton_layer_norm on (the default since v32): the block's layer norm is the Triton
+    kernel's (on the ending node's transposed view in place), alone and with the fused projections; output and
+    every gradient close to the fp64 reference. Off, the kernel does not run."""
     from flash_tt_attn import ops
 
     B, L, C = 1, 7, 16
@@ -464,9 +464,12 @@ def test_triton_layer_norm_switch_runs_the_kernel_and_matches_the_reference(star
     calls = []
     real = ops.launch_layer_norm
     monkeypatch.setattr(ops, "launch_layer_norm", lambda t, *a: calls.append(t.is_contiguous()) or real(t, *a))
-    with ops.override(block_triton_layer_norm=True, block_fused_projections=fused_projections):
+    with ops.override(block_fused_projections=fused_projections):
         out, g = run(fused, x, mask, dout)
     assert calls == [starting]  # the ending node's x is a transposed view, read in place
+    with ops.override(block_triton_layer_norm=False):
+        run(fused, x, mask, dout)
+    assert calls == [starting]
     out_ref, g_ref = run(ref, x.double(), mask, dout.double())
     assert_rel_close(out, out_ref, 1e-5, "output")
     names = [n for n, _ in fused.named_parameters()] + ["x"]
