@@ -79,7 +79,8 @@ def check_inputs(q, k, v, bias, scale, mask, *, caller: str = "attention()", row
 def check_lengths(lengths, batch_shape, L: int, device: torch.device, *, caller: str = "attention()",
                   layout: str = "(B,)") -> None:
     """Raise a TypeError/ValueError when ``lengths`` is not an integer tensor of shape ``batch_shape``
-    with values in [0, L] on ``device``; return None when valid. Reads the values (one host sync on CUDA)."""
+    with values in [0, L], on ``device`` or on the CPU; return None when valid. Reads the values: one host
+    sync when they are on a GPU, none on the CPU."""
     if not isinstance(lengths, torch.Tensor):
         raise TypeError(f"{caller}: lengths must be a torch.Tensor or None, got {type(lengths).__name__}")
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
@@ -87,13 +88,12 @@ def check_lengths(lengths, batch_shape, L: int, device: torch.device, *, caller:
     if tuple(lengths.shape) != tuple(batch_shape):
         want = ", ".join(str(s) for s in batch_shape) + ("," if len(batch_shape) == 1 else "")
         raise ValueError(f"{caller}: lengths must have shape {layout} = ({want}), got {_shape(lengths)}")
-    if lengths.device != device:
-        raise ValueError(f"{caller}: lengths is on {lengths.device} but the inputs are on {device}; all inputs "
-                         "must be on one device")
-    # Reading the values syncs with the GPU, and torch.compile cannot branch on them: there padded_extents'
+    if lengths.device != device and lengths.device.type != "cpu":
+        raise ValueError(f"{caller}: lengths is on {lengths.device} but the inputs are on {device}; lengths must "
+                         "be on the inputs' device or on the CPU")
+    # Reading the values syncs with a GPU, and torch.compile cannot branch on them: there padded_extents'
     # clamp to [0, L] stands in for the check.
-    if lengths.numel() and not torch.compiler.is_compiling() and (bool((lengths < 0).any())
-                                                                  or bool((lengths > L).any())):
+    if lengths.numel() and not torch.compiler.is_compiling() and bool(((lengths < 0) | (lengths > L)).any()):
         raise ValueError(f"{caller}: lengths must lie in [0, L] = [0, {L}], got {lengths.tolist()}")
 
 
@@ -232,7 +232,8 @@ def attention(
         scale: multiplies q·k; defaults to 1/sqrt(D).
         mask: optional bool (B, L, L); True = this key takes part. A row whose keys
             are all excluded gives 0 output and 0 gradients.
-        lengths: optional integer (B,) tensor, 0 ≤ lengths[b] ≤ L: sequence b has
+        lengths: optional integer (B,) tensor, 0 ≤ lengths[b] ≤ L, on q's device or on the
+            CPU (no device sync to check it; it is then copied to the device): sequence b has
             lengths[b] residues and a padded tail. Keys k ≥ lengths[b] are left out (and'ed
             with ``mask`` when both are given), and every padded pair (i or j ≥ lengths[b])
             gives 0: the result equals the call with
@@ -274,6 +275,6 @@ def attention(
     extents = None
     if lengths is not None:
         check_lengths(lengths, q.shape[:1], q.shape[-2], q.device)
-        extents = padded_extents(lengths, q.shape[-2])
+        extents = padded_extents(lengths, q.shape[-2]).to(q.device, non_blocking=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return run_attention(q, k, v, bias, scale, mask, extents)

@@ -317,7 +317,8 @@ class _TriangleAttentionBase(nn.Module):
                 attention output is 0, as :func:`flash_tt_attn.attention` gives, so the block
                 returns the gated output projection of 0, i.e. its bias. Each item runs on its
                 real crop ``x[b, :n, :n]`` (layer norm, projections, attention and gating of the
-                real pairs only; the lengths are read on the host, one device sync per call);
+                real pairs only; the lengths are read on the host: pass them on the CPU, or a call
+                on a GPU waits for the device once to read them);
                 under ``torch.compile`` the whole batch runs at once with ``lengths=`` passed to
                 the kernels, which skip the padded tiles.
             **openfold_kwargs: accepted and ignored, so calls written for OpenFold's
@@ -346,7 +347,7 @@ class _TriangleAttentionBase(nn.Module):
         if lengths is not None and not torch.compiler.is_compiling():
             out = self._forward_cropped(x, mask, chunk_size, lengths)
         else:  # under torch.compile the kernels skip the padded tail (lengths are not read on the host)
-            out = self._forward_items(x, mask, chunk_size, lengths)
+            out = self._forward_items(x, mask, chunk_size, None if lengths is None else lengths.to(x.device))
         out = out.reshape(*lead, L, L, self.c_in)
         if not self.starting:
             out = out.transpose(-2, -3)
@@ -369,9 +370,10 @@ class _TriangleAttentionBase(nn.Module):
         pair reads real pairs only (its keys past n are left out), so the crop computes every real pair's
         output from the same inputs and skips the padded ones: 1/4 of the dense work of a half-length item,
         1/8 of its attention. A padded pair gets what the whole masked call gives it: attention output 0,
-        gated 0, so the output projection of 0 (its bias). The lengths are read on the host (one device
-        sync). An item's output may differ from the whole batch's call by rounding only: the kernels and
-        matmuls see an n-row problem, whose tiles or GEMM algorithm may differ from the L-row one's."""
+        gated 0, so the output projection of 0 (its bias). The lengths are read on the host (a wait for the
+        device when they are on a GPU, none on the CPU). An item's output may differ from the whole batch's
+        call by rounding only: the kernels and matmuls see an n-row problem, whose tiles or GEMM algorithm may
+        differ from the L-row one's."""
         B, L = x.shape[0], x.shape[1]
         sizes = [int(n) for n in lengths.tolist()]
         if all(n == L for n in sizes):

@@ -206,14 +206,15 @@ def test_long_inference_spec_sweeps_its_own_providers():
     assert starting == {"flash_tt_attn", "flash_tt_attn_whole", "naive_chunk4", "naive_chunk128", "cueq"}
     assert {p.provider for p in long if p.node == "ending"} == {"flash_tt_attn", "flash_tt_attn_whole", "cueq"}
     padding = [p for p in pts if p.B == 2]
-    assert {p.provider for p in padding} == {"flash_tt_attn", "flash_tt_attn_lengths", "fused_projections",
-                                            "lengths_fused_projections"}
+    assert {p.provider for p in padding} == {"flash_tt_attn", "flash_tt_attn_lengths", "flash_tt_attn_host_lengths",
+                                            "fused_projections", "lengths_fused_projections"}
+    assert {p.mode for p in padding if p.provider == "flash_tt_attn_host_lengths"} == {"fwd"}
     assert {p.mode for p in padding} == {"fwd", "fwd_bwd"}
     assert {p.mode for p in padding if "fused" in p.provider} == {"fwd"}
     switches = {"block_fused_projections": True}
     assert {p.provider: dict(p.options or {}) for p in padding if "fused" in p.provider} == {
         "fused_projections": switches, "lengths_fused_projections": {**switches, "provider": "flash_tt_attn_lengths"}}
-    assert len(pts) == 4 * 5 + 4 * 3 + 3 * 2 + 3 * 2 + 3 * 2
+    assert len(pts) == 4 * 5 + 4 * 3 + 3 * 3 + 3 * 2 + 3 * 2
     padding_speedup = next(t for t in spec.tables if t.file == "long-inference-padding-speedup")
     assert padding_speedup.target == "flash_tt_attn_lengths" and padding_speedup.baselines == ("flash_tt_attn",)
 

@@ -566,11 +566,30 @@ def test_lengths_validation(lengths, error, match):
         m(torch.randn(2, 4, 4, 8), lengths=lengths)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_lengths_on_the_cpu_give_the_bits_of_lengths_on_the_gpu():
+    """lengths= may stay on the CPU (no wait for the device to read them): the block (eager and compiled) and
+    attention() give the same bits as with the lengths on the GPU."""
+    m = block(c_in=128, c_hidden=32, heads=4).to(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 96, 96, 128, device="cuda", dtype=torch.bfloat16)
+    on_cpu = torch.tensor([96, 50])
+    with torch.no_grad():
+        assert torch.equal(m(x, lengths=on_cpu), m(x, lengths=on_cpu.cuda()))
+        torch._dynamo.reset()
+        compiled = torch.compile(m, fullgraph=True)
+        assert torch.equal(compiled(x, lengths=on_cpu), compiled(x, lengths=on_cpu.cuda()))
+    q, k, v = (torch.randn(2, 4, 96, 96, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    bias = torch.randn(2, 4, 96, 96, device="cuda", dtype=torch.bfloat16)
+    got, want = fta.attention(q, k, v, bias, lengths=on_cpu), fta.attention(q, k, v, bias, lengths=on_cpu.cuda())
+    assert torch.equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------- bench providers
 
 
 @pytest.mark.parametrize("name", ["flash_tt_attn", "flash_tt_attn_whole", "naive_chunk4", "naive_chunk128",
-                                  "flash_tt_attn_lengths"])
+                                  "flash_tt_attn_lengths", "flash_tt_attn_host_lengths"])
 def test_block_providers_of_the_long_inference_spec_run_on_cpu(name):
     from flash_tt_attn.bench.measure import make_call
     from flash_tt_attn.bench.providers import get_provider

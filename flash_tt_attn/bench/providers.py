@@ -316,11 +316,14 @@ def padded_lengths(B: int, L: int, device) -> torch.Tensor:
 
 
 class LengthsBlock(BlockProvider):
-    """Our block called with ``lengths=`` (:func:`padded_lengths`): batch items of L and L/2 residues.
-    Against flash_tt_attn at the same B (the full-length call) it measures what the padding costs."""
+    """Our block called with ``lengths=`` (:func:`padded_lengths`): batch items of L and L/2 residues, on the
+    input's device (``flash_tt_attn_lengths``: the block waits for the GPU to read them) or on the CPU
+    (``flash_tt_attn_host_lengths``: no wait). Against flash_tt_attn at the same B (the full-length call) it
+    measures what the padding costs."""
 
     def bind(self, module, x):
-        lengths = padded_lengths(x.shape[0], x.shape[-2], x.device)
+        device = "cpu" if self.name == "flash_tt_attn_host_lengths" else x.device
+        lengths = padded_lengths(x.shape[0], x.shape[-2], device)
         return lambda: module(x, lengths=lengths)
 
 
@@ -410,7 +413,7 @@ def get_provider(op: str, name: str, options: tuple | None = None):
         return _ATTENTION[name]()
     if name in _CHUNKED_BLOCK:
         return ChunkedBlock(name, *_CHUNKED_BLOCK[name])
-    if name == "flash_tt_attn_lengths":
+    if name in ("flash_tt_attn_lengths", "flash_tt_attn_host_lengths"):
         return LengthsBlock(name, "TriangleAttention")
     if name == "cueq":
         return CueqBlock(name)

@@ -71,8 +71,8 @@ OPS = ("attention", "triangle_block")
 PROVIDERS = {
     "attention": ("flash_tt_attn", "naive", "sdpa", "flex", "trifast", "cueq", "flex_plain", "sdpa_cudnn_plain",
                   "flash_tt_attn_lengths", "flash_tt_attn_lengths_full"),
-    "triangle_block": ("flash_tt_attn", "naive", "flash_tt_attn_whole", "flash_tt_attn_lengths", "naive_chunk4",
-                       "naive_chunk128", "cueq"),
+    "triangle_block": ("flash_tt_attn", "naive", "flash_tt_attn_whole", "flash_tt_attn_lengths",
+                       "flash_tt_attn_host_lengths", "naive_chunk4", "naive_chunk128", "cueq"),
 }
 #: Our providers per op: a spec's variant runs one of them (``provider`` in the variant, default flash_tt_attn).
 OURS = {op: tuple(p for p in names if p.startswith("flash_tt_attn")) for op, names in PROVIDERS.items()}
