@@ -41,6 +41,7 @@ padding), whose outputs do not reach valid positions; both are finite.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Optional
 
@@ -57,6 +58,7 @@ from .api import (
     padded_extents,
     run_attention,
 )
+from .tuning import KernelOptions
 
 __all__ = [
     "TriangleAttention",
@@ -498,8 +500,10 @@ class TriangleAttention(_TriangleAttentionBase):
     _auto_chunk = True
 
     def _norm(self, x):
-        """With KernelOptions.block_triton_layer_norm on, the Triton layer norm (api.layer_norm_rows), which reads
-        the rows in place (the ending node's transposed view, a chunk) and many rows per program."""
+        """With KernelOptions.block_triton_layer_norm on (the default), the Triton layer norm
+        (api.layer_norm_rows), which reads the rows in place (the ending node's transposed view, a chunk) and
+        many rows per program; it uses ``self.layer_norm``'s parameters without calling the module, so hooks
+        registered on that submodule run only where the module's own norm does (compile, autocast, CPU)."""
         if _option("block_triton_layer_norm"):
             return layer_norm_rows(x, self.layer_norm)
         return self.layer_norm(x)
@@ -541,12 +545,15 @@ class TriangleAttention(_TriangleAttentionBase):
         return o[..., : self.c_hidden] if pad else o
 
 
-def _option(name: str):
-    """The launchers' switch ``name`` (KernelOptions) now; ops is imported here, not at the module's import,
-    so that a CPU-only import stays light, as in api."""
-    from .ops import options  # noqa: PLC0415
+_DEFAULT_OPTIONS = KernelOptions()
 
-    return getattr(options(), name)
+
+def _option(name: str):
+    """The launchers' switch ``name`` (KernelOptions) now. Until something imports ops (which imports Triton and,
+    on a CPU, fixes whether its interpreter runs), no switch can have been overridden: the defaults, without
+    importing it, so that a CPU-only block stays as light as api."""
+    ops = sys.modules.get(f"{__package__}.ops")
+    return getattr(_DEFAULT_OPTIONS if ops is None else ops.options(), name)
 
 
 class TriangleAttentionReference(_TriangleAttentionBase):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -25,6 +26,20 @@ def test_import_does_not_pull_in_the_bench_stack():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"import flash_tt_attn imported: {result.stdout.strip()}"
+
+
+def test_a_cpu_block_without_the_interpreter_imports_no_launchers():
+    """TriangleAttention on a CPU without TRITON_INTERPRET runs the PyTorch paths: its switches are read without
+    importing flash_tt_attn.ops (which imports Triton and fixes whether its interpreter runs)."""
+    code = (
+        "import sys, torch, flash_tt_attn as f; m = f.TriangleAttention(16, 8, 2); m(torch.randn(1, 5, 5, 16)); "
+        "print(sorted(n for n in ('flash_tt_attn.ops', 'triton') if n in sys.modules))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_version_is_one_string_everywhere():
