@@ -158,11 +158,13 @@ def _interpreted_bf16(device: torch.device, dtype: torch.dtype) -> bool:
 
 def layer_norm_rows(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     """``norm(x)`` for a pair tensor's rows x (B, R, L, c): the Triton layer norm (:class:`ops.LayerNormRows`)
-    where it applies (an eager call the kernels run: CUDA, or the interpreter in fp32/fp16; no autocast, which
-    would compute the norm in fp32; x's last dim contiguous; an affine norm of x's dtype over that dim), else
-    the module itself. Equal to rounding: the statistics are summed in another order."""
+    where it applies (an eager call the kernels run in 16 or 32 bits: CUDA, or the interpreter in fp32/fp16; the
+    kernel's statistics are fp32, so float64 keeps PyTorch's norm; no autocast, which would compute the norm in
+    fp32; x's last dim contiguous; an affine norm of x's dtype over that dim), else the module itself. Equal to
+    rounding: the statistics are summed in another order."""
     weight, bias = norm.weight, norm.bias
-    if (torch.compiler.is_compiling() or x.dim() != 4 or x.stride(-1) != 1 or weight is None or bias is None
+    if (torch.compiler.is_compiling() or x.dtype == torch.float64 or x.dim() != 4 or x.stride(-1) != 1
+            or weight is None or bias is None
             or tuple(norm.normalized_shape) != (x.shape[-1],) or weight.dtype != x.dtype or bias.dtype != x.dtype
             or torch.is_autocast_enabled(x.device.type) or not _uses_triton(x.device, x.dtype)
             or (x.device.type == "cpu" and x.dtype == torch.bfloat16)):  # the interpreter has no bf16 arithmetic

@@ -76,12 +76,14 @@ def test_layer_norm_rows_gradients_are_pytorchs_backward():
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("case", ["autocast", "bf16-on-cpu", "strided-channels", "3-d", "no-affine"])
+@pytest.mark.parametrize("case", ["autocast", "bf16-on-cpu", "fp64", "strided-channels", "3-d", "no-affine"])
 def test_layer_norm_rows_leaves_what_it_does_not_cover_to_the_module(case, monkeypatch):
     calls = kernel_calls(monkeypatch)
     norm, x = norm_of(16), torch.randn(1, 4, 4, 16)
     if case == "bf16-on-cpu":
         norm, x = norm.bfloat16(), x.bfloat16()
+    elif case == "fp64":  # the kernel's statistics are fp32: float64 calls (gradient checks) keep full precision
+        norm, x = norm.double(), x.double()
     elif case == "strided-channels":
         x = torch.randn(1, 4, 16, 4).transpose(2, 3)
     elif case == "3-d":
