@@ -106,7 +106,7 @@ class KernelOptions:
     block_triton_layer_norm: ``modules.TriangleAttention``'s eager layer norm runs the Triton kernel
     (kernels/layer_norm.py: many rows per program, rows read through their strides) instead of PyTorch's, whose
     CUDA kernel reaches a fraction of the bandwidth at c = 128; the backward stays PyTorch's. Values equal to
-    rounding. On since v32 was measured (PERF.md: block forward 1.21-1.35x at L = 384-768 on an H100, forward +
+    rounding; float64, autocast and torch.compile keep PyTorch's norm (api.layer_norm_rows). On since v32 was measured (PERF.md: block forward 1.21-1.35x at L = 384-768 on an H100, forward +
     backward 1.04-1.05x); off gives PyTorch's norm back.
     """
 
