@@ -101,13 +101,14 @@ class KernelOptions:
     same bits); the block spec's ``qkv_copies`` variant keeps the copies for comparison.
     block_fused_projections: ``modules.TriangleAttention`` computes q, k, v and the gate with one matmul over the
     four stacked weights instead of four (the normed pair tensor read once; one launch instead of four, forward
-    and backward); values equal to rounding. Off until the block spec's ``fused_projections`` variants have
-    been timed (PERF.md v31).
+    and backward); values equal to rounding. Off: measured on an H100 (PERF.md v31), forward + backward
+    1.04-1.07x but +8% training peak memory (the strided views keep the gate's columns alive).
     block_triton_layer_norm: ``modules.TriangleAttention``'s eager layer norm runs the Triton kernel
     (kernels/layer_norm.py: many rows per program, rows read through their strides) instead of PyTorch's, whose
     CUDA kernel reaches a fraction of the bandwidth at c = 128; the backward stays PyTorch's. Values equal to
-    rounding; float64, autocast and torch.compile keep PyTorch's norm (api.layer_norm_rows). On since v32 was measured (PERF.md: block forward 1.21-1.35x at L = 384-768 on an H100, forward +
-    backward 1.04-1.05x); off gives PyTorch's norm back.
+    rounding; float64, autocast and torch.compile keep PyTorch's norm (api.layer_norm_rows). On since v32 was
+    measured (PERF.md: block forward 1.21-1.35x at L = 384-768 on an H100, forward + backward 1.04-1.05x); off
+    gives PyTorch's norm back.
     """
 
     fast_exp2: bool = True
