@@ -132,6 +132,27 @@ def test_matches_reference_forward_and_gradients(starting, dtype, rtol):
         assert_rel_close(a, b, 10 * rtol, f"grad {name}")
 
 
+SWITCH_C = 16
+
+
+def switch_case(starting):
+    """The block switches' tests' case: a block (c=16, 2 heads of 16), its fp64 reference, x (1, 7, 7, 16), a
+    mask keeping a key per row and column, and an output gradient."""
+    fused, _ = make_pair(SWITCH_C, 16, 2, starting=starting)
+    _, ref = make_pair(SWITCH_C, 16, 2, starting=starting, dtype=torch.float64)
+    x, dout = torch.randn(1, 7, 7, SWITCH_C), torch.randn(1, 7, 7, SWITCH_C)
+    return fused, ref, x, keep_one_mask(1, 7), dout
+
+
+def assert_close_to_reference(fused, out, grads_, ref, x, mask, dout):
+    """out and every gradient (parameters, then x) of ``fused`` close to the fp64 reference's."""
+    out_ref, g_ref = run(ref, x.double(), mask, dout.double())
+    assert_rel_close(out, out_ref, 1e-5, "output")
+    names = [n for n, _ in fused.named_parameters()] + ["x"]
+    for name, a, b in zip(names, grads_, g_ref, strict=True):
+        assert_rel_close(a, b, 1e-4, f"grad {name}")
+
+
 @pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
 def test_strided_qkv_switch_gives_the_copies_bits(starting, monkeypatch):
     """KernelOptions.block_qkv_copies off (the default since v30): attention() gets the permuted q, k, v
@@ -139,11 +160,7 @@ def test_strided_qkv_switch_gives_the_copies_bits(starting, monkeypatch):
     of the copies (the switch on)."""
     from flash_tt_attn import modules, ops
 
-    B, L, C = 1, 7, 16
-    fused, _ = make_pair(C, 16, 2, starting=starting)
-    _, ref = make_pair(C, 16, 2, starting=starting, dtype=torch.float64)
-    x, dout = torch.randn(B, L, L, C), torch.randn(B, L, L, C)
-    mask = keep_one_mask(B, L)
+    fused, ref, x, mask, dout = switch_case(starting)
     contiguous = []
     real = modules.run_attention
 
@@ -159,9 +176,7 @@ def test_strided_qkv_switch_gives_the_copies_bits(starting, monkeypatch):
     assert torch.equal(out_strided, out_copies)
     for a, b in zip(g_strided, g_copies, strict=True):
         assert torch.equal(a, b)
-    out_ref, g_ref = run(ref, x.double(), mask, dout.double())
-    assert_rel_close(out_strided, out_ref, 1e-5, "output")
-    assert_rel_close(g_strided[-1], g_ref[-1], 1e-4, "grad x")
+    assert_close_to_reference(fused, out_strided, g_strided, ref, x, mask, dout)
 
 
 @pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
@@ -419,11 +434,7 @@ def test_fused_projections_switch_runs_one_matmul_and_matches_the_reference(star
     views; output and every gradient close to the fp64 reference and to the separate projections."""
     from flash_tt_attn import ops
 
-    B, L, C = 1, 7, 16
-    fused, _ = make_pair(C, 16, 2, starting=starting)
-    _, ref = make_pair(C, 16, 2, starting=starting, dtype=torch.float64)
-    x, dout = torch.randn(B, L, L, C), torch.randn(B, L, L, C)
-    mask = keep_one_mask(B, L)
+    fused, ref, x, mask, dout = switch_case(starting)
     calls = []
     real = torch.nn.functional.linear
 
@@ -436,14 +447,12 @@ def test_fused_projections_switch_runs_one_matmul_and_matches_the_reference(star
     apart, calls[:] = list(calls), []
     with ops.override(block_fused_projections=True, block_qkv_copies=copies):
         out_one, g_one = run(fused, x, mask, dout)
-    assert sorted(apart) == sorted([32, 32, 32, 32, 2, C])
-    assert sorted(calls) == sorted([4 * 32, 2, C])
-    out_ref, g_ref = run(ref, x.double(), mask, dout.double())
-    assert_rel_close(out_one, out_ref, 1e-5, "output")
+    assert sorted(apart) == sorted([32, 32, 32, 32, 2, SWITCH_C])
+    assert sorted(calls) == sorted([4 * 32, 2, SWITCH_C])
+    assert_close_to_reference(fused, out_one, g_one, ref, x, mask, dout)
     assert_rel_close(out_one, out_apart, 1e-5, "output against the separate projections")
     names = [n for n, _ in fused.named_parameters()] + ["x"]
-    for name, a, b, c in zip(names, g_one, g_ref, g_apart, strict=True):
-        assert_rel_close(a, b, 1e-4, f"grad {name}")
+    for name, a, c in zip(names, g_one, g_apart, strict=True):
         assert_rel_close(a, c, 1e-4, f"grad {name} against the separate projections")
 
 
@@ -456,11 +465,7 @@ def test_triton_layer_norm_switch_runs_the_kernel_and_matches_the_reference(star
     every gradient close to the fp64 reference. Off, the kernel does not run."""
     from flash_tt_attn import ops
 
-    B, L, C = 1, 7, 16
-    fused, _ = make_pair(C, 16, 2, starting=starting)
-    _, ref = make_pair(C, 16, 2, starting=starting, dtype=torch.float64)
-    x, dout = torch.randn(B, L, L, C), torch.randn(B, L, L, C)
-    mask = keep_one_mask(B, L)
+    fused, ref, x, mask, dout = switch_case(starting)
     calls = []
     real = ops.launch_layer_norm
     monkeypatch.setattr(ops, "launch_layer_norm", lambda t, *a: calls.append(t.is_contiguous()) or real(t, *a))
@@ -470,11 +475,7 @@ def test_triton_layer_norm_switch_runs_the_kernel_and_matches_the_reference(star
     with ops.override(block_triton_layer_norm=False):
         run(fused, x, mask, dout)
     assert calls == [starting]
-    out_ref, g_ref = run(ref, x.double(), mask, dout.double())
-    assert_rel_close(out, out_ref, 1e-5, "output")
-    names = [n for n, _ in fused.named_parameters()] + ["x"]
-    for name, a, b in zip(names, g, g_ref, strict=True):
-        assert_rel_close(a, b, 1e-4, f"grad {name}")
+    assert_close_to_reference(fused, out, g, ref, x, mask, dout)
 
 
 @pytest.mark.gpu
