@@ -167,7 +167,7 @@ def layer_norm_rows(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
             or weight is None or bias is None
             or tuple(norm.normalized_shape) != (x.shape[-1],) or weight.dtype != x.dtype or bias.dtype != x.dtype
             or torch.is_autocast_enabled(x.device.type) or not _uses_triton(x.device, x.dtype)
-            or (x.device.type == "cpu" and x.dtype == torch.bfloat16)):  # the interpreter has no bf16 arithmetic
+            or _interpreted_bf16(x.device, x.dtype)):
         return norm(x)
     from .ops import LayerNormRows, layer_norm_without_grad  # noqa: PLC0415
 
