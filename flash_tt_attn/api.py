@@ -176,11 +176,14 @@ def layer_norm_rows(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     return layer_norm_without_grad(x, weight, bias, norm.eps)
 
 
-def run_attention(q, k, v, bias, scale: float, mask, extents: Optional[torch.Tensor] = None) -> torch.Tensor:
+def run_attention(q, k, v, bias, scale: float, mask, extents: Optional[torch.Tensor] = None,
+                  heads_last: bool = False) -> torch.Tensor:
     """The computation behind :func:`attention` (inputs already checked, scale resolved), also for
     row shards (q of shape (B, H, R, L, D)): picks the path and names the shapes on out-of-memory.
     ``extents`` (:func:`padded_extents`) marks a padded tail: keys past it are left out, and its padded
-    (row, query) pairs give 0."""
+    (row, query) pairs give 0. ``heads_last`` asks for the output as a permuted view of a contiguous
+    (B, R, L, H, D) tensor (ops.launch_forward), which a forward without autograd on the Triton path honours;
+    the other paths return their usual layout. The values are the same in either layout."""
     if _interpreted_bf16(q.device, q.dtype):
         # fp32 kernels, a bf16 result; gradients flow back through the casts and come out in bf16.
         out = run_attention(q.float(), k.float(), v.float(), bias.float(), scale, mask, extents)
@@ -192,7 +195,7 @@ def run_attention(q, k, v, bias, scale: float, mask, extents: Optional[torch.Ten
             if direct_call_allowed(q, k, v, bias, mask, extents):
                 if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                                      or bias.requires_grad)):
-                    return forward_without_grad(q, k, v, bias, mask, scale, extents)
+                    return forward_without_grad(q, k, v, bias, mask, scale, extents, heads_last)
                 out, _ = DirectAttention.apply(q, k, v, bias, mask, scale, extents)
             else:
                 out, _ = attention_fwd(q, k, v, bias, mask, scale, extents)

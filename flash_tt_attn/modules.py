@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from .api import (
     SUPPORTED_HEAD_DIMS,
@@ -362,8 +363,7 @@ class _TriangleAttentionBase(nn.Module):
         rows = self._chunk_rows(x, chunk_size, x.shape[1])
         if rows is not None:
             return self._forward_chunked(x, mask, rows, lengths, out)
-        result = self._forward_whole(x, mask, lengths)
-        return result if out is None else out.copy_(result)
+        return self._forward_whole(x, mask, lengths, out)
 
     def _forward_cropped(self, x, mask, chunk_size, lengths):
         """:meth:`_forward_items` of each batch item on its real crop ``x[b, :n, :n]``, n = lengths[b].
@@ -390,8 +390,9 @@ class _TriangleAttentionBase(nn.Module):
             out[b, :n, n:] = padded
         return out
 
-    def _forward_whole(self, x, mask, lengths):
-        """x (B, L, L, c_in), rows i along dim 1 (already transposed for the ending node)."""
+    def _forward_whole(self, x, mask, lengths, out=None):
+        """x (B, L, L, c_in), rows i along dim 1 (already transposed for the ending node); ``out`` as in
+        :meth:`_forward_items`."""
         B, L, H, D = x.shape[0], x.shape[1], self.no_heads, self.c_hidden
         x = self._norm(x)
         q, k, v, g = self._head_projections(x)
@@ -400,9 +401,24 @@ class _TriangleAttentionBase(nn.Module):
         extents = None if lengths is None else padded_extents(lengths, L)
         o = self._attention_core(q, k, v, bias, mask, extents)  # (B, H, L, L, D)
 
-        g = torch.sigmoid(g).reshape(B, L, L, H, D)
-        o = (o.permute(0, 2, 3, 1, 4) * g).reshape(B, L, L, H * D)
-        return self.mha.linear_o(o)
+        o = _gate(o, g).reshape(B, L, L, H * D)
+        return self._output_projection(o, out)
+
+    def _output_projection(self, o, out=None):
+        """``mha.linear_o`` of the gated attention output o (B, R, L, H·D); with ``out`` (a tensor or view of
+        the result's shape) the result is written there. Without autograd, when ``F.linear`` itself would run
+        ``addmm`` on the flattened rows (contiguous o, a 1-D bias, no autocast, no hooks on the layer), that
+        addmm writes straight into a contiguous ``out`` (the same kernel, so the same bits) instead of into a
+        new tensor that is then copied: one pass over the output fewer (a padded batch's full-length items)."""
+        linear = self.mha.linear_o
+        if out is None:
+            return linear(o)
+        if (out.is_contiguous() and o.is_contiguous() and out.dtype == o.dtype == linear.weight.dtype
+                and linear.bias is not None and not torch.is_grad_enabled() and type(linear) is nn.Linear
+                and not torch.is_autocast_enabled(o.device.type) and not _has_forward_hooks(linear)):
+            torch.addmm(linear.bias, o.reshape(-1, o.shape[-1]), linear.weight.t(), out=out.view(-1, out.shape[-1]))
+            return out
+        return out.copy_(linear(o))
 
     def _norm(self, x):
         """The layer norm of rows x (B, R, L, c_in)."""
@@ -445,12 +461,13 @@ class _TriangleAttentionBase(nn.Module):
             q, k, v, g = self._head_projections(self._norm(x[:, r]))
             extents = None if lengths is None else padded_extents(lengths, L, r.start, R)
             o = self._attention_core(q, k, v, bias, None if mask is None else mask[:, r], extents)
-            g = torch.sigmoid(g).reshape(B, R, L, H, D)
-            o = (o.permute(0, 2, 3, 1, 4) * g).reshape(B, R, L, H * D)
-            o = self.mha.linear_o(o)
+            o = _gate(o, g).reshape(B, R, L, H * D)
             if out is None:
+                o = self._output_projection(o)
                 out = o.new_empty(B, L, L, self.c_in)
-            out[:, r] = o
+                out[:, r] = o
+            else:
+                self._output_projection(o, out[:, r])
         return out
 
 
@@ -541,11 +558,27 @@ class TriangleAttention(_TriangleAttentionBase):
                 check_inputs(q, k, v, bias, self.scale, mask, caller="TriangleAttention")
             else:  # a chunk of rows i (chunked forward): attention()'s checks and paths, for R < L rows
                 check_inputs(q, k, v, bias, self.scale, mask, caller="TriangleAttention (chunked)", row_block=True)
-            o = run_attention(q, k, v, bias, self.scale, mask, extents)
+            o = run_attention(q, k, v, bias, self.scale, mask, extents,
+                              heads_last=_option("block_heads_last_output"))
         return o[..., : self.c_hidden] if pad else o
 
 
 _DEFAULT_OPTIONS = KernelOptions()
+
+
+def _gate(o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sigmoid(g) · o, (B, R, L, H, D) contiguous, for the attention output o (B, H, R, L, D) in either layout and
+    the gate's pre-activation g (B, R, L, H·D). The gate comes first in the product: an elementwise result takes
+    its first operand's memory layout, and o first (heads-first) gave a (B, H, R, L, D) result that the reshape
+    to H·D channels then copied (PERF.md v33)."""
+    B, H, R, L, D = o.shape
+    return torch.sigmoid(g).reshape(B, R, L, H, D) * o.permute(0, 2, 3, 1, 4)
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward (pre-)hooks, its own or global ones."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module_hooks._global_forward_hooks
+                or module_hooks._global_forward_pre_hooks)
 
 
 def _option(name: str):

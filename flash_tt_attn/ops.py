@@ -296,11 +296,11 @@ def _plan(build, *signature):
     return plan
 
 
-def _forward_plan(shape, q_s, k_s, v_s, bias_s, mask_s, has_mask, has_extents, dtype, device, scale):
+def _forward_plan(shape, q_s, k_s, v_s, out_s, bias_s, mask_s, has_mask, has_extents, dtype, device, scale):
     B, H, R, L, D = shape
     cfg = launch_config("forward", L, D, dtype, device)
     grid = (cdiv(L, cfg.block_j), cdiv(R, cfg.rows), B * H)
-    scalars = (*q_s, *k_s, *v_s, *_contiguous_strides(shape), *bias_s, *mask_s,
+    scalars = (*q_s, *k_s, *v_s, *out_s, *bias_s, *mask_s,
                *_contiguous_strides((B, H, R, L)), H, R, L, scale)
     constants = dict(
         # The forward keeps its unmasked loads with a padded tail (its scores drop the tail: kernels/forward.py).
@@ -314,16 +314,23 @@ def _forward_plan(shape, q_s, k_s, v_s, bias_s, mask_s, has_mask, has_extents, d
     return _launch_plan(grid, scalars, constants)
 
 
-def launch_forward(q, k, v, bias, mask, scale: float, extents=None) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_forward(q, k, v, bias, mask, scale: float, extents=None,
+                   heads_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel's launch, behind both :func:`attention_fwd` and :class:`DirectAttention`:
     returns the output (q's dtype) and the base-2 log-sum-exp (B, H, R, L), fp32.
 
     q, k, v: (B, H, R, L, D) hold R rows i (R = L for the whole pair tensor, fewer for a
     shard of rows); bias (B, H, L, L); mask (B, R, L) or None; extents (B, 2) int32 or None: per batch
     item the real rows among these R and the real columns of L (a padded tail, api.padded_extents).
+    heads_last: the output (B, H, R, L, D) is a permuted view of a contiguous (B, R, L, H, D) tensor (the
+    layout in which a block gates it and projects its H·D channels) rather than contiguous itself; the same
+    values either way (the kernel stores through the output's strides).
     """
     B, H, R, L, D = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if heads_last:
+        out = q.new_empty((B, R, L, H, D)).permute(0, 3, 1, 2, 4)
+    else:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, R, L), dtype=_lse_dtype(q.dtype), device=q.device)
     if q.numel() == 0:  # no rows (an empty shard), no pairs or no batch: nothing to launch
         return out, lse
@@ -331,8 +338,8 @@ def launch_forward(q, k, v, bias, mask, scale: float, extents=None) -> tuple[tor
     extents_t, has_extents = _extents_args(extents, q)
     if _options.pad_bias_tiles:
         bias = _pad_bias(bias, _padded_bias_width(L, launch_config("forward", L, D, q.dtype, q.device)))
-    plan = _plan(_forward_plan, q.shape, q.stride(), k.stride(), v.stride(), bias.stride(), mask_strides, has_mask,
-                 has_extents, q.dtype, q.device, scale)
+    plan = _plan(_forward_plan, q.shape, q.stride(), k.stride(), v.stride(), out.stride(), bias.stride(), mask_strides,
+                 has_mask, has_extents, q.dtype, q.device, scale)
     _launch(attention_fwd_kernel, plan, (q, k, v, bias, mask_t, extents_t, out, lse))
     return out, lse
 
@@ -585,11 +592,12 @@ def direct_call_allowed(*tensors: Optional[torch.Tensor]) -> bool:
             and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
 
 
-def forward_without_grad(q, k, v, bias, mask, scale: float, extents=None) -> torch.Tensor:
+def forward_without_grad(q, k, v, bias, mask, scale: float, extents=None, heads_last: bool = False) -> torch.Tensor:
     """A plain eager forward that records no autograd graph (grad mode off, or no input needing a gradient):
-    the forward kernel's launch alone, as :class:`DirectAttention` would run it."""
+    the forward kernel's launch alone, as :class:`DirectAttention` would run it (``heads_last``: the output's
+    layout, :func:`launch_forward`)."""
     with set_wrap_triton_enabled(False):
-        return launch_forward(q, k, v, bias, mask, scale, extents)[0]
+        return launch_forward(q, k, v, bias, mask, scale, extents, heads_last)[0]
 
 
 class DirectAttention(torch.autograd.Function):

@@ -109,6 +109,11 @@ class KernelOptions:
     rounding; float64, autocast and torch.compile keep PyTorch's norm (api.layer_norm_rows). On since v32 was
     measured (PERF.md: block forward 1.21-1.35x at L = 384-768 on an H100, forward + backward 1.04-1.05x); off
     gives PyTorch's norm back.
+    block_heads_last_output: ``modules.TriangleAttention``'s forward without autograd asks attention() for its
+    output heads-last (a permuted view of a contiguous (B, R, L, H, D) tensor: ``api.run_attention``), the layout
+    in which the block gates it and projects its H·D channels: the gate's multiply then reads two contiguous
+    tensors instead of one permuted. The same values; training keeps the contiguous (B, H, R, L, D) output.
+    PERF.md v33.
     """
 
     fast_exp2: bool = True
@@ -128,6 +133,7 @@ class KernelOptions:
     block_qkv_copies: bool = False
     block_fused_projections: bool = False
     block_triton_layer_norm: bool = True
+    block_heads_last_output: bool = True
 
 
 class LargeConfig(NamedTuple):

@@ -485,20 +485,24 @@ def test_module_lengths_crop_computes_real_pairs_only():
 def test_module_lengths_items_write_into_the_output(monkeypatch, chunk):
     """Each item of a lengths= call writes its crop's output into the batch's output (chunk by chunk when
     chunked) rather than into a tensor of its own that is then copied: the item's output is never held
-    twice (PERF.md v27; at B=2 L=4096 the copy was 4 GiB of peak memory)."""
+    twice (PERF.md v27; at B=2 L=4096 the copy was 4 GiB of peak memory). Where the target is contiguous (a
+    full-length item, or its chunk of rows at B=1) the output projection's addmm writes it directly (PERF.md
+    v34); a cropped item's target is a strided view, which gets a copy."""
     m = block()
     x, _ = pair(L=6)
-    targets, whole = [], m._forward_whole
-    chunked = m._forward_chunked
-    monkeypatch.setattr(m, "_forward_chunked", lambda *a: targets.append(a[-1]) or chunked(*a))
-    monkeypatch.setattr(m, "_forward_whole", lambda *a: targets.append(None) or whole(*a))
+    targets, addmm_targets = [], []
+    projection, addmm = m._output_projection, torch.addmm
+    monkeypatch.setattr(m, "_output_projection", lambda o, out=None: targets.append(out) or projection(o, out))
+    monkeypatch.setattr(torch, "addmm", lambda *a, **kw: addmm_targets.append(kw["out"]) or addmm(*a, **kw))
     with torch.no_grad():
         got = m(x, lengths=torch.tensor([6, 3]), chunk_size=chunk)
-    if chunk is None:
-        assert targets == [None, None]  # whole items: computed, then copied into place
-    else:
-        assert len(targets) == 2 and all(t.untyped_storage().data_ptr() == got.untyped_storage().data_ptr()
-                                         for t in targets)
+    same_storage = [t is not None and t.untyped_storage().data_ptr() == got.untyped_storage().data_ptr()
+                    for t in targets]
+    assert len(targets) == (2 if chunk is None else 3 + 2) and all(same_storage)
+    contiguous = [t for t in targets if t.is_contiguous()]  # the full-length item's (1 or 3), a crop's 1-row chunk
+    assert len(contiguous) == (1 if chunk is None else 4)
+    assert [(t.data_ptr(), t.shape) for t in addmm_targets] == [(t.data_ptr(), t.view(-1, 8).shape) for t in contiguous]
+    assert torch.equal(got[:1], m(x[:1], chunk_size=chunk))
     assert torch.equal(got[1:2, :3, :3], m(x[1:2, :3, :3], chunk_size=chunk))
 
 

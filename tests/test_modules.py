@@ -164,9 +164,9 @@ def test_strided_qkv_switch_gives_the_copies_bits(starting, monkeypatch):
     contiguous = []
     real = modules.run_attention
 
-    def spy(q, k, v, *args):
+    def spy(q, k, v, *args, **kwargs):
         contiguous.append((q.is_contiguous(), k.is_contiguous(), v.is_contiguous()))
-        return real(q, k, v, *args)
+        return real(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(modules, "run_attention", spy)
     out_strided, g_strided = run(fused, x, mask, dout)
@@ -476,6 +476,74 @@ def test_triton_layer_norm_switch_runs_the_kernel_and_matches_the_reference(star
         run(fused, x, mask, dout)
     assert calls == [starting]
     assert_close_to_reference(fused, out, g, ref, x, mask, dout)
+
+
+def attention_output_layouts(monkeypatch):
+    """Spy on the block's attention() calls: the list of their outputs' layouts, 'heads_last' (a permuted view of
+    a contiguous (B, R, L, H, D) tensor) or 'heads_first' (contiguous (B, H, R, L, D))."""
+    from flash_tt_attn import modules
+
+    layouts, real = [], modules.run_attention
+
+    def spy(*args, **kwargs):
+        o = real(*args, **kwargs)
+        layouts.append("heads_last" if o.permute(0, 2, 3, 1, 4).is_contiguous()
+                       else "heads_first" if o.is_contiguous() else "other")
+        return o
+
+    monkeypatch.setattr(modules, "run_attention", spy)
+    return layouts
+
+
+@pytest.mark.parametrize("chunk", [None, 3], ids=["whole", "chunk3"])
+@pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
+def test_heads_last_output_switch_gives_the_same_bits(starting, chunk, monkeypatch):
+    """KernelOptions.block_heads_last_output on (the default since v33): the block's forward without autograd
+    gets attention()'s output heads-last, which its gate multiplies without a strided read; the output is
+    bitwise that of the switch off (heads-first), whole and chunked, and close to the fp64 reference. With
+    autograd the output stays heads-first."""
+    from flash_tt_attn import ops
+
+    fused, ref, x, mask, dout = switch_case(starting)
+    layouts = attention_output_layouts(monkeypatch)
+    with torch.no_grad():
+        last = fused(x, mask, chunk_size=chunk)
+        with ops.override(block_heads_last_output=False):
+            first = fused(x, mask, chunk_size=chunk)
+        want = ref(x.double(), mask)
+    calls = 1 if chunk is None else 3
+    assert layouts == ["heads_last"] * calls + ["heads_first"] * calls
+    assert torch.equal(last, first)
+    assert_rel_close(last, want, 1e-5, "output")
+    run(fused, x, mask, dout)
+    assert layouts[-1] == "heads_first"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("starting", [True, False], ids=["start", "end"])
+def test_gpu_heads_last_output_and_direct_projection_keep_the_bits(starting, monkeypatch):
+    """At a block's widths (c=128, 4 heads of 32, bf16, L=200 masked), without autograd: the heads-last attention
+    output (v33) gives bitwise the output of the switch off, whole, chunked and with lengths=; and a padded
+    batch's full-length item, whose output projection writes into the batch's output through addmm (v34), is
+    bitwise that item's call alone (cuBLAS's addmm with out= against F.linear's)."""
+    from flash_tt_attn import ops
+
+    B, L, C = 2, 200, 128
+    fused, _ = make_pair(C, 32, 4, starting=starting, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(B, L, L, C, device="cuda").bfloat16()
+    mask = keep_one_mask(B, L, device="cuda")
+    lengths = torch.tensor([L, 120])
+    layouts = attention_output_layouts(monkeypatch)
+    with torch.no_grad():
+        outs = [fused(x, mask), fused(x, mask, chunk_size=77), fused(x, mask, lengths=lengths)]
+        with ops.override(block_heads_last_output=False):
+            want = [fused(x, mask), fused(x, mask, chunk_size=77), fused(x, mask, lengths=lengths)]
+        alone = fused(x[:1], mask[:1])
+    assert set(layouts[: len(layouts) // 2]) == {"heads_last"} and set(layouts[len(layouts) // 2:]) == {"heads_first"}
+    for got, expected in zip(outs, want, strict=True):
+        assert torch.equal(got, expected)
+    assert torch.equal(outs[2][:1], alone)
 
 
 @pytest.mark.gpu

@@ -116,7 +116,7 @@ VARIANT_OPTIONS = {"fast_exp2": bool, "settle_accumulators": bool, "dbias_unscal
                    "register_caps": bool, "end_tile_select": bool,
                    "pad_bias_tiles": bool, "pad_bias_tiles_backward": bool, "fold_split_sum": bool,
                    "fold_bias_copy": bool, "block_qkv_copies": bool, "block_fused_projections": bool,
-                   "block_triton_layer_norm": bool}
+                   "block_triton_layer_norm": bool, "block_heads_last_output": bool}
 _SWEEP_FIELDS = {"B", "H", "D", "L", "c_in", "node", "dtype", "mode"}
 #: Sweep fields that are not axes of a point (``where`` cannot name them).
 _SWEEP_ONLY = {"providers"}
