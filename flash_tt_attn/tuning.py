@@ -113,7 +113,8 @@ class KernelOptions:
     output heads-last (a permuted view of a contiguous (B, R, L, H, D) tensor: ``api.run_attention``), the layout
     in which the block gates it and projects its H·D channels: the gate's multiply then reads two contiguous
     tensors instead of one permuted. The same values; training keeps the contiguous (B, H, R, L, D) output.
-    PERF.md v33.
+    On since v33 was measured (PERF.md: block forward 1.04-1.05x at L = 384-768 on an H100, the same bits); the
+    block and long-inference specs' ``heads_first_output`` variants turn it off for comparison.
     """
 
     fast_exp2: bool = True
