@@ -358,8 +358,8 @@ class _TriangleAttentionBase(nn.Module):
 
     def _forward_items(self, x, mask, chunk_size, lengths, out=None):
         """x (B, L, L, c_in), rows i along dim 1 (already transposed for the ending node): whole or chunked.
-        ``out``: where to write the result (a view; the chunked forward writes each chunk into it directly),
-        or None for a new tensor."""
+        ``out``: where to write the result (a view: the output projection of the whole call, or of each chunk,
+        goes into it, by :meth:`_output_projection`), or None for a new tensor."""
         rows = self._chunk_rows(x, chunk_size, x.shape[1])
         if rows is not None:
             return self._forward_chunked(x, mask, rows, lengths, out)
@@ -570,7 +570,7 @@ def _gate(o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """sigmoid(g) · o, (B, R, L, H, D) contiguous, for the attention output o (B, H, R, L, D) in either layout and
     the gate's pre-activation g (B, R, L, H·D). The gate comes first in the product: an elementwise result takes
     its first operand's memory layout, and o first (heads-first) gave a (B, H, R, L, D) result that the reshape
-    to H·D channels then copied (PERF.md v33)."""
+    to H·D channels then copied (PERF.md v34)."""
     B, H, R, L, D = o.shape
     return torch.sigmoid(g).reshape(B, R, L, H, D) * o.permute(0, 2, 3, 1, 4)
 
