@@ -29,7 +29,8 @@ def fake_rows(spec, ts="2026-01-01T00:00:00.000000+00:00"):
                  "flex_plain": 1.2, "sdpa_cudnn_plain": 1.1, "folded_split_sum": 0.97,
                  "folded_bias_copy": 0.98, "folded_launches": 0.95, "qkv_copies": 1.25,
                  "torch_layer_norm": 1.2, "fused_projections": 0.95, "flash_tt_attn_lengths": 0.6,
-                 "lengths_fused_projections": 0.55, "flash_tt_attn_host_lengths": 0.58}
+                 "lengths_fused_projections": 0.55, "flash_tt_attn_host_lengths": 0.58,
+                 "heads_first_output": 1.04, "host_lengths_heads_first_output": 0.6}
         ms = scale[p.provider] * (p.L / 128) ** 3 * (2.5 if p.mode == "fwd_bwd" else 1.0)
         row = {**p.fields(), "status": "ok", "ms": ms, "ms_p20": ms * 0.98, "ms_p80": ms * 1.03,
                "peak_mem_mb": scale[p.provider] * p.L ** 2 / 1000, "gpu": GPU, "driver": "1.0", "cuda": "13.0",

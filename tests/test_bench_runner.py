@@ -170,7 +170,7 @@ def test_dry_run_of_the_shipped_training_and_block_specs(tmp_path, capsys):
     assert "# training -> " in out and "# block -> " in out
     lines = [line for line in out.splitlines() if not line.startswith("#")]
     assert sum(line.startswith("training\t") for line in lines) == 65
-    assert sum(line.startswith("block\t") for line in lines) == 40 + 3 * 8  # and the three variants' points
+    assert sum(line.startswith("block\t") for line in lines) == 40 + 3 * 8 + 4  # and the variants' points
     assert sum("-ending-" in line for line in lines) == 20 and all(line.endswith("\ttodo") for line in lines)
     assert not (tmp_path / "logs").exists()
 

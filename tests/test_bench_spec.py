@@ -78,11 +78,12 @@ def test_training_spec_expands_to_its_sixty_five_points():
 def test_block_spec_has_both_nodes_and_old_rows_count_as_starting():
     spec = load_spec(EXPERIMENTS / "block.yaml")
     pts = spec.points()
-    variants = ("qkv_copies", "torch_layer_norm", "fused_projections")
+    variants = ("qkv_copies", "torch_layer_norm", "fused_projections", "heads_first_output")
     main = [p for p in pts if p.provider not in variants]
     assert len(main) == 5 * 2 * 2 * 2  # L x node x mode x provider
     variant = [p for p in pts if p.provider in variants]  # the training crops, starting node
-    assert len(variant) == 3 * 4 * 2 and {p.node for p in variant} == {"starting"}
+    assert len(variant) == 3 * 4 * 2 + 4 and {p.node for p in variant} == {"starting"}
+    assert {p.mode for p in variant if p.provider == "heads_first_output"} == {"fwd"}  # a no-grad switch
     assert {p.node for p in pts} == {"starting", "ending"} and {256, 384} <= {p.L for p in pts}
     assert {"host", "graph"} <= set(spec.metrics)
     start = next(p for p in pts if p.node == "starting")
@@ -207,14 +208,20 @@ def test_long_inference_spec_sweeps_its_own_providers():
     assert {p.provider for p in long if p.node == "ending"} == {"flash_tt_attn", "flash_tt_attn_whole", "cueq"}
     padding = [p for p in pts if p.B == 2]
     assert {p.provider for p in padding} == {"flash_tt_attn", "flash_tt_attn_lengths", "flash_tt_attn_host_lengths",
-                                            "fused_projections", "lengths_fused_projections"}
+                                            "fused_projections", "lengths_fused_projections", "heads_first_output",
+                                            "host_lengths_heads_first_output"}
     assert {p.mode for p in padding if p.provider == "flash_tt_attn_host_lengths"} == {"fwd"}
     assert {p.mode for p in padding} == {"fwd", "fwd_bwd"}
     assert {p.mode for p in padding if "fused" in p.provider} == {"fwd"}
     switches = {"block_fused_projections": True}
     assert {p.provider: dict(p.options or {}) for p in padding if "fused" in p.provider} == {
         "fused_projections": switches, "lengths_fused_projections": {**switches, "provider": "flash_tt_attn_lengths"}}
-    assert len(pts) == 4 * 5 + 4 * 3 + 3 * 3 + 3 * 2 + 3 * 2
+    heads_first = {"block_heads_last_output": False}
+    assert {p.provider: dict(p.options or {}) for p in padding if "heads_first" in p.provider} == {
+        "heads_first_output": heads_first,
+        "host_lengths_heads_first_output": {**heads_first, "provider": "flash_tt_attn_host_lengths"}}
+    assert {p.mode for p in padding if "heads_first" in p.provider} == {"fwd"}
+    assert len(pts) == 4 * 5 + 4 * 3 + 3 * 3 + 3 * 2 + 3 * 2 + 3 * 2
     padding_speedup = next(t for t in spec.tables if t.file == "long-inference-padding-speedup")
     assert padding_speedup.target == "flash_tt_attn_lengths" and padding_speedup.baselines == ("flash_tt_attn",)
 
