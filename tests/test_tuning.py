@@ -81,12 +81,17 @@ def test_rows_per_program_outside_what_a_kernel_takes_is_an_error():
 
 
 def test_launch_plans_follow_the_options():
-    """A plan is cached per call signature and options: a different option builds a different plan."""
-    signature = ((1, 1, 16, 16, 16), (4096, 4096, 256, 16, 1), (4096, 4096, 256, 16, 1), (4096, 4096, 256, 16, 1),
-                 (256, 256, 16, 1), (0, 0, 0), False, False, torch.float16, torch.device("cpu"), 0.25)
+    """A plan is cached per call signature and options: a different option builds a different plan, and so do
+    other output strides (the heads-last output, ops.launch_forward), which the kernel's arguments carry."""
+    qkv = (4096, 4096, 256, 16, 1)
+    signature = ((1, 1, 16, 16, 16), qkv, qkv, qkv, qkv, (256, 256, 16, 1), (0, 0, 0), False, False, torch.float16,
+                 torch.device("cpu"), 0.25)
+    heads_last = (*signature[:4], (4096, 16, 256, 16, 1), *signature[5:])
     with set_wrap_triton_enabled(False):
         plan = ops._plan(ops._forward_plan, *signature)
         assert ops._plan(ops._forward_plan, *signature) is plan  # cached
+        other_out = ops._plan(ops._forward_plan, *heads_last)
+        assert other_out is not plan and other_out.scalars != plan.scalars
         with ops.override(fast_exp2=False, configs={"forward": ops.LaunchConfig(16, 16, 1, 1, rows=4)}):
             other = ops._plan(ops._forward_plan, *signature)
     assert other is not plan and other.grid[1] == 4 and plan.grid[1] == 8  # 16 rows: 4 or 2 per program
